@@ -1,0 +1,101 @@
+"""What every checkpoint reader hands to the rest of ttedge.
+
+Readers translate their format's tensor names into one canonical naming (below), in PyTorch
+``nn.Linear`` layout (``[out_features, in_features]``) and with Q/K rows in the Hugging Face
+"rotate-half" order, so that model code never knows which format the weights came from.
+
+Canonical names (``{i}`` is the layer index):
+
+    embed.weight                 [vocab, hidden]
+    layers.{i}.attn_norm.weight  [hidden]
+    layers.{i}.attn.q.weight     [heads * head_dim, hidden]
+    layers.{i}.attn.k.weight     [kv_heads * head_dim, hidden]
+    layers.{i}.attn.v.weight     [kv_heads * head_dim, hidden]
+    layers.{i}.attn.o.weight     [hidden, heads * head_dim]
+    layers.{i}.mlp_norm.weight   [hidden]
+    layers.{i}.mlp.gate.weight   [intermediate, hidden]
+    layers.{i}.mlp.up.weight     [intermediate, hidden]
+    layers.{i}.mlp.down.weight   [hidden, intermediate]
+    norm.weight                  [hidden]
+    lm_head.weight               [vocab, hidden]   (absent when the embeddings are tied)
+    rope.freq_factors            [head_dim / 2]    (optional: per-frequency divisors, GGUF llama3 scaling)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ttedge.config import ModelConfig
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read; always names the file and, where one is at fault, the tensor."""
+
+    def __init__(self, file: str | Path, message: str, tensor: str | None = None):
+        where = f"{file}" if tensor is None else f"{file} [tensor {tensor}]"
+        super().__init__(f"{where}: {message}")
+        self.file = str(file)
+        self.tensor = tensor
+
+
+@dataclass(frozen=True)
+class QuantizedBlocks:
+    """Raw GGUF block data of one 2-D tensor, rows already in canonical order.
+
+    ``data`` is ``uint8[rows, bytes_per_row]``; ``qtype`` is the GGML type name (``"Q4_1"``, ...).
+    Kept so that CPU kernels with the same block structure can repack without re-rounding.
+    """
+
+    qtype: str
+    data: np.ndarray
+    shape: tuple[int, int]
+
+
+@dataclass
+class TensorSource:
+    """One tensor of a checkpoint, read lazily.
+
+    ``load()`` returns the tensor dequantised to ``float32`` (or in its stored float dtype
+    when ``keep_dtype`` is set), in canonical layout. ``stored_dtype`` names what the file holds
+    (``"F32"``, ``"BF16"``, ``"Q4_1"``, ...).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    stored_dtype: str
+    file: str
+    _loader: Callable[[], torch.Tensor] = field(repr=False)
+    _blocks: Callable[[], QuantizedBlocks] | None = field(default=None, repr=False)
+
+    def load(self) -> torch.Tensor:
+        return self._loader()
+
+    def quantized_blocks(self) -> QuantizedBlocks | None:
+        """The raw block data when the file stores a GGML block-quantised type, else ``None``."""
+        return None if self._blocks is None else self._blocks()
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str  # "safetensors" | "gguf"
+    config: ModelConfig
+    tensors: dict[str, TensorSource]
+    # Where the tokenizer lives: a tokenizer.json directory for HF, the GGUF file itself for GGUF.
+    tokenizer_path: Path
+    # Raw GGUF metadata or HF tokenizer_config.json contents, for the tokenizer and chat template.
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> TensorSource:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(self.path, "required tensor is missing", tensor=name) from None
+
+    def load(self, name: str) -> torch.Tensor:
+        return self[name].load()
