@@ -118,6 +118,8 @@ class ModelConfig:
             hidden = int(hf["hidden_size"])
             num_heads = int(hf["num_attention_heads"])
             eos = hf.get("eos_token_id")
+            # transformers >= 5 saves rope_theta and the scaling together as "rope_parameters".
+            rope = hf.get("rope_parameters") or {}
             config = cls(
                 name=name or str(hf.get("_name_or_path", "")),
                 vocab_size=int(hf["vocab_size"]),
@@ -128,10 +130,10 @@ class ModelConfig:
                 num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
                 head_dim=int(hf.get("head_dim") or hidden // num_heads),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta", 10000.0)),
+                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling"), source),
+                rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling") or rope, source),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
             )
@@ -156,45 +158,50 @@ class ModelConfig:
                 return default
             return metadata[full]
 
-        hidden = int(key("embedding_length"))
-        num_heads = int(key("attention.head_count"))
-        vocab = key("vocab_size", required=False)
-        if vocab is None:
-            tokens = metadata.get("tokenizer.ggml.tokens")
-            if tokens is None:
-                raise ConfigError(source, "neither llama.vocab_size nor tokenizer.ggml.tokens is present")
-            vocab = len(tokens)
-        head_dim = int(key("attention.key_length", required=False) or hidden // num_heads)
-        scaling = None
-        scaling_type = key("rope.scaling.type", required=False)
-        if scaling_type in ("linear", "llama3") or key("rope.scaling.factor", required=False):
-            scaling = RopeScaling(
-                kind=str(scaling_type or "linear"),
-                factor=float(key("rope.scaling.factor")),
-                original_max_position_embeddings=int(
-                    key("rope.scaling.original_context_length", default=8192, required=False)
-                ),
+        try:
+            hidden = int(key("embedding_length"))
+            num_heads = int(key("attention.head_count"))
+            vocab = key("vocab_size", required=False)
+            if vocab is None:
+                tokens = metadata.get("tokenizer.ggml.tokens")
+                if tokens is None:
+                    raise ConfigError(source, "neither llama.vocab_size nor tokenizer.ggml.tokens is present")
+                vocab = len(tokens)
+            head_dim = int(key("attention.key_length", required=False) or hidden // num_heads)
+            scaling = None
+            scaling_type = key("rope.scaling.type", required=False)
+            if scaling_type != "none" and (
+                scaling_type in ("linear", "llama3") or key("rope.scaling.factor", required=False)
+            ):
+                scaling = RopeScaling(
+                    kind=str(scaling_type or "linear"),
+                    factor=float(key("rope.scaling.factor")),
+                    original_max_position_embeddings=int(
+                        key("rope.scaling.original_context_length", default=8192, required=False)
+                    ),
+                )
+            eos = metadata.get("tokenizer.ggml.eos_token_id")
+            bos = metadata.get("tokenizer.ggml.bos_token_id")
+            config = cls(
+                name=str(metadata.get("general.name", "")),
+                vocab_size=int(vocab),
+                hidden_size=hidden,
+                intermediate_size=int(key("feed_forward_length")),
+                num_layers=int(key("block_count")),
+                num_heads=num_heads,
+                num_kv_heads=int(key("attention.head_count_kv", default=num_heads, required=False)),
+                head_dim=head_dim,
+                rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", default=1e-5, required=False)),
+                rope_theta=float(key("rope.freq_base", default=10000.0, required=False)),
+                max_position_embeddings=int(key("context_length", default=2048, required=False)),
+                # Filled in by the loader: GGUF says "tied" only by leaving out output.weight.
+                tie_word_embeddings=False,
+                rope_scaling=scaling,
+                bos_token_id=None if bos is None else int(bos),
+                eos_token_ids=() if eos is None else (int(eos),),
             )
-        eos = metadata.get("tokenizer.ggml.eos_token_id")
-        bos = metadata.get("tokenizer.ggml.bos_token_id")
-        config = cls(
-            name=str(metadata.get("general.name", "")),
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
-            num_layers=int(key("block_count")),
-            num_heads=num_heads,
-            num_kv_heads=int(key("attention.head_count_kv", default=num_heads, required=False)),
-            head_dim=head_dim,
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", default=1e-5, required=False)),
-            rope_theta=float(key("rope.freq_base", default=10000.0, required=False)),
-            max_position_embeddings=int(key("context_length", default=2048, required=False)),
-            # Filled in by the loader: GGUF says "tied" only by leaving out output.weight.
-            tie_word_embeddings=False,
-            rope_scaling=scaling,
-            bos_token_id=None if bos is None else int(bos),
-            eos_token_ids=() if eos is None else (int(eos),),
-        )
+        except (TypeError, ValueError) as bad:
+            raise ConfigError(source, f"malformed metadata value: {bad}") from None
         return config.validate(source)
 
 
@@ -213,3 +220,16 @@ def _rope_scaling_from_hf(raw: dict[str, Any] | None, source: str) -> RopeScalin
         high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
     )
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to assemble an engine: which model, in which CPU weight format, with how much KV memory."""
+
+    model: str | None = None  # a path or a model-card name; None = the embedded default
+    weight_format: str = "int4"
+    kv_cache_mb: int = 256
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    threads: int | None = None  # torch intra-op threads; None = all cores

@@ -99,3 +99,32 @@ class Checkpoint:
 
     def load(self, name: str) -> torch.Tensor:
         return self[name].load()
+
+
+def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The canonical name and shape of every tensor a checkpoint of ``config`` must hold.
+
+    ``lm_head.weight`` is listed only for untied configs; optional tensors are in ``optional_shapes``.
+    """
+    h, q, kv, ff = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (config.vocab_size, h)}
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (h,)
+        shapes[p + "attn.q.weight"] = (q, h)
+        shapes[p + "attn.k.weight"] = (kv, h)
+        shapes[p + "attn.v.weight"] = (kv, h)
+        shapes[p + "attn.o.weight"] = (h, q)
+        shapes[p + "mlp_norm.weight"] = (h,)
+        shapes[p + "mlp.gate.weight"] = (ff, h)
+        shapes[p + "mlp.up.weight"] = (ff, h)
+        shapes[p + "mlp.down.weight"] = (h, ff)
+    shapes["norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+def optional_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical tensors a checkpoint may hold, with their shapes."""
+    return {"rope.freq_factors": (config.head_dim // 2,)}
