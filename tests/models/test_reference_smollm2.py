@@ -123,10 +123,16 @@ def test_low_precision_agreement_with_float32(
         matches += sum(p == r for p, r in zip(predicted, reference, strict=True))
         total += len(reference)
     for seq, reference in zip(engine.generate(prompts, GREEDY), hf_greedy, strict=True):
-        prefix = next((i for i, (a, b) in enumerate(zip(seq.output_ids, reference)) if a != b), NEW_TOKENS)
+        prefix = next(
+            (i for i, (a, b) in enumerate(zip(seq.output_ids, reference, strict=True)) if a != b), NEW_TOKENS
+        )
         prefixes.append(prefix)
     agreement = matches / total
-    report = {"format": weight_format, "top1_agreement": round(agreement, 4), "greedy_common_prefix": prefixes}
+    report = {
+        "format": weight_format,
+        "top1_agreement": round(agreement, 4),
+        "greedy_common_prefix": prefixes,
+    }
     record_property("agreement", json.dumps(report))
     print(json.dumps(report))
     floors = {"bfloat16": 0.9, "int8": 0.9, "int4": 0.8}

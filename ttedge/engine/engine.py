@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs
-from ttedge.engine.scheduler import Scheduler, SchedulerConfig
+from ttedge.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from ttedge.engine.sequence import FinishReason, Sequence, SequenceStatus, TextStream
 from ttedge.runtime.base import ModelRunner, StepInput
 
@@ -82,7 +82,10 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[RequestOutput]:
-        chunks = self.scheduler.schedule()
+        return self.execute(self.scheduler.schedule())
+
+    def execute(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
+        """Run one scheduled step: forward, sample where a sequence is complete, append."""
         if not chunks:
             return []
         inputs = [

@@ -116,13 +116,16 @@ class Linear(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(in={self.in_features}, out={self.out_features}, fmt={self.fmt.value})"
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as the contiguous 2-D bfloat16 matrix the quantised kernels require."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self!r} got input of shape {tuple(x.shape)}")
+    def _matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the contiguous 2-D bfloat16 matrix the quantised kernels take. They check the
+        width of a 2-D input themselves; other shapes are checked here, as a reshape would hide it."""
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
-        return x.reshape(-1, self.in_features).contiguous()
+        if x.dim() != 2:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"{self!r} got input of shape {tuple(x.shape)}")
+            x = x.reshape(-1, self.in_features)
+        return x.contiguous()
 
 
 class Float32Linear(Linear):
@@ -159,10 +162,11 @@ class BFloat16Linear(Linear):
         return self.out_features * self.in_features * 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packed:
-            return F.linear(self._rows(x), self.weight).reshape(*x.shape[:-1], self.out_features)
-        y = torch.ops.mkldnn._linear_pointwise(self._rows(x), self.weight, None, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.bfloat16)
+        if self._packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        return F.linear(x, self.weight)
 
 
 class Int8Linear(Linear):
@@ -184,8 +188,8 @@ class Int8Linear(Linear):
         return self.weight.nbytes + self.scale.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(self._rows(x), self.weight, self.scale)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        y = torch._weight_int8pack_mm(self._matrix(x), self.weight, self.scale)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 @dataclass
@@ -274,10 +278,10 @@ class Int4Linear(Linear):
         return self.weight.nbytes + self.scales_and_zeros.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(self._rows(x), self.weight, GROUP_SIZE, self.scales_and_zeros)
+        y = torch._weight_int4pack_mm_for_cpu(self._matrix(x), self.weight, GROUP_SIZE, self.scales_and_zeros)
         if self._padded:
             y = y[:, : self.out_features]
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 class AutoLinear(Linear):
