@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
 from ttedge.checkpoint import CheckpointError
 from ttedge.checkpoint.discovery import ModelNotFoundError, discover_models
-from ttedge.config import ConfigError, EngineSettings
+from ttedge.config import ConfigError, EngineSettings, ServerSettings
 from ttedge.engine.engine import RequestRejected
 from ttedge.engine.sampling import SamplingError, SamplingParams
 from ttedge.models.llama.linear import WeightFormat
@@ -94,6 +95,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ttedge.bootstrap import load_engine
+    from ttedge.server.serve import build_server
+
+    loaded = load_engine(engine_settings(args, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue))
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("TTEDGE_API_KEY") or None,
+        drain_timeout=args.drain_timeout,
+    )
+
+    def ready(url: str) -> None:
+        model = f"{server.service.model_id} ({args.weights}, loaded in {loaded.load_seconds:.1f} s)"
+        print(f"ttedge: serving {model} at {url}/v1", flush=True)
+
+    server = build_server(loaded, settings, ready, log_level="info" if args.verbose else "warning")
+    server.run()
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     models = discover_models()
     if not models:
@@ -123,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.set_defaults(handler=cmd_generate)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_engine_arguments(serve)
+    serve.add_argument(
+        "--host", default=ServerSettings.host, help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument("--port", type=int, default=ServerSettings.port, help="0 = any free port")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $TTEDGE_API_KEY)")
+    serve.add_argument(
+        "--max-num-seqs", type=int, default=EngineSettings.max_num_seqs, help="running batch size"
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait beyond a full batch; more get 429 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=ServerSettings.drain_timeout,
+        help="seconds SIGTERM waits for requests in flight (default: %(default)s)",
+    )
+    serve.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list the models ttedge can find")
     models.set_defaults(handler=cmd_models)

@@ -233,3 +233,16 @@ class EngineSettings:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
     threads: int | None = None  # torch intra-op threads; None = all cores
+    max_queue_len: int | None = None  # requests that may wait beyond a full batch; None = no limit
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How to serve the OpenAI-compatible API (``ttedge serve``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # None = no authentication
+    max_body_bytes: int = 1 << 20
+    # How long SIGTERM waits for requests in flight before the server stops anyway.
+    drain_timeout: float = 30.0

@@ -31,6 +31,14 @@ def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
     assert seen == {0, 1}
 
 
+def test_extreme_temperature_and_top_p_still_pick_the_most_likely_token():
+    # 5e-324 is a valid float64 but 0 in float32: it must neither divide by zero nor drop every token.
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    for params in (SamplingParams(temperature=5e-324), SamplingParams(top_p=5e-324)):
+        result = Sampler().sample(logits, [params], [torch.Generator().manual_seed(0)])
+        assert result.token_ids == [0]
+
+
 def test_sampling_frequencies_follow_the_temperature_scaled_distribution():
     logits = torch.tensor([[1.0, 0.0, -1.0]])
     temperature = 2.0

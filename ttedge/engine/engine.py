@@ -12,10 +12,15 @@ from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs
 from ttedge.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from ttedge.engine.sequence import FinishReason, Sequence, SequenceStatus, TextStream
 from ttedge.runtime.base import ModelRunner, StepInput
+from ttedge.runtime.kv_cache import BLOCK_SIZE
 
 
 class RequestRejected(ValueError):
     """A request that can never be served as asked (too long for the context or the KV cache)."""
+
+
+class QueueFull(RuntimeError):
+    """The engine holds as many requests as it may queue; the same request can succeed later."""
 
 
 @dataclass
@@ -30,6 +35,14 @@ class RequestOutput:
     num_output_tokens: int
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
 class Engine:
     def __init__(
         self,
@@ -37,6 +50,7 @@ class Engine:
         text_stream_factory: Callable[[list[int]], TextStream],
         eos_token_ids: tuple[int, ...],
         scheduler_config: SchedulerConfig | None = None,
+        max_queue_len: int | None = None,
     ):
         self.runner = runner
         self.text_stream_factory = text_stream_factory
@@ -44,6 +58,8 @@ class Engine:
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), runner.allocator)
         self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}
+        # Requests allowed to wait beyond a full batch; None = unbounded (offline use).
+        self.max_queue_len = max_queue_len
         self._ids = itertools.count()
 
     def add_request(
@@ -66,6 +82,13 @@ class Engine:
                 f"{total} tokens (prompt + max_tokens) exceed the whole KV cache "
                 f"({self.runner.allocator.num_blocks} blocks)"
             )
+        if self.max_queue_len is not None:
+            capacity = self.scheduler.config.max_num_seqs + self.max_queue_len
+            if self.scheduler.num_unfinished >= capacity:
+                raise QueueFull(
+                    f"{self.scheduler.num_unfinished} requests are in flight, the limit is {capacity} "
+                    f"({self.scheduler.config.max_num_seqs} running + {self.max_queue_len} queued)"
+                )
         seq = Sequence(request_id, list(prompt_ids), params, self.text_stream_factory(prompt_ids))
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
@@ -78,8 +101,23 @@ class Engine:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = FinishReason.ABORT
 
+    @property
+    def max_sequence_len(self) -> int:
+        """The most tokens (prompt + output) one sequence can reach: the context, or less when the
+        whole KV cache holds less."""
+        return min(self.runner.max_model_len, self.runner.allocator.num_blocks * BLOCK_SIZE)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        allocator = self.runner.allocator
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_blocks_used=allocator.num_blocks - allocator.num_free,
+            kv_blocks_total=allocator.num_blocks,
+        )
 
     def step(self) -> list[RequestOutput]:
         return self.execute(self.scheduler.schedule())

@@ -47,7 +47,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below 1e-5 a temperature picks the argmax all but surely, and dividing float32 logits by
+        # it could overflow (5e-324 is even 0 in float32): such rows take the greedy path.
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 @dataclass
@@ -112,8 +114,10 @@ class Sampler:
             top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
             sorted_probs = sorted_logits.softmax(dim=-1)
             # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
-            # before it already does. The first token always survives.
+            # before it already does. The first token always survives, even a top_p that rounds
+            # to 0 in float32.
             drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+            drop[:, 0] = False
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
         return scaled.softmax(dim=-1)

@@ -1,0 +1,101 @@
+"""SIGTERM on a real ``ttedge serve`` process: it refuses new requests with 503 at once, lets the
+request in flight finish completely, then exits cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.server.live import assert_error
+
+# Long enough (seconds on the tiny model) that the request is surely still streaming after SIGTERM.
+MAX_TOKENS = 1000
+
+
+def _start(checkpoint: Path) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ttedge.cli",
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--weights",
+            "float32",
+            "--port",
+            "0",
+            "--drain-timeout",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and selector.select(timeout=deadline - time.monotonic()):
+        line = process.stdout.readline()
+        if not line:
+            break
+        if match := re.search(r"at (http://\S+/v1)$", line.strip()):
+            return process, match.group(1)
+    process.kill()
+    raise AssertionError(f"the server did not come up: {process.communicate()}")
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_chat: Path):
+    process, api = _start(tiny_chat)
+    base = api.removesuffix("/v1")
+    try:
+        lines: list[str] = []
+        first_chunk = threading.Event()
+
+        def stream() -> None:
+            body = {
+                "prompt": "Story:",
+                "max_tokens": MAX_TOKENS,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            with httpx.stream("POST", f"{api}/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line:
+                        lines.append(line)
+                        first_chunk.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_chunk.wait(60)
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/health").status_code != 503:
+            assert time.monotonic() < deadline, "SIGTERM did not start a drain"
+            time.sleep(0.02)
+        assert httpx.get(f"{base}/health").json() == {"status": "draining"}
+        refused = httpx.post(f"{api}/completions", json={"prompt": "late", "max_tokens": 2})
+        assert refused.status_code == 503
+        assert_error(refused.json(), "server_shutting_down")
+        assert process.poll() is None and reader.is_alive(), "the stream ended before the refusal was checked"
+
+        reader.join(120)
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2].removeprefix("data: "))["usage"]["completion_tokens"] == MAX_TOKENS
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.communicate()
