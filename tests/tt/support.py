@@ -152,3 +152,63 @@ def decode_layer(mesh: ttnn.MeshDevice, config: ModelConfig, preset: PrecisionPr
         mlp = ttnn.reduce_scatter(mlp, dim=3, topology=ttnn.Topology.Linear)
         mlp = ttnn.all_gather(mlp, dim=3, topology=ttnn.Topology.Linear)
     return DecodeLayerRun(output=ttnn.add(h, mlp), attention=attention, mlp=mlp)
+
+
+# The smallest Llama shape the decode kernels tile: 4/2 heads of 32 (one tile), hidden 128, and a
+# vocabulary that is not a whole number of tiles, so the LM head's padding is exercised.
+TINY = ModelConfig(
+    name="tiny-llama",
+    vocab_size=1000,
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=BLOCK_TOKENS * BLOCKS_PER_USER,
+    tie_word_embeddings=False,
+)
+
+
+def random_weights(
+    config: ModelConfig, seed: int = 0, num_layers: int | None = None
+) -> dict[str, np.ndarray]:
+    """Canonical float32 weights of `config` (ttedge.checkpoint.base names and `[out, in]` layout).
+
+    ttedge.checkpoint.base.canonical_shapes imports torch, which .venv-tt lacks, so the shapes are spelled
+    out here. Every layer shares one set of arrays: the port prepares and converts each layer on its own,
+    and real-shaped weights for all 30 SmolLM2 layers would cost 0.4 GB of host memory for nothing.
+    """
+    rng = np.random.default_rng(seed)
+    h, ff, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32) * 0.02
+
+    layer = {
+        "attn_norm.weight": 1 + normal(h),
+        "attn.q.weight": normal(q, h),
+        "attn.k.weight": normal(kv, h),
+        "attn.v.weight": normal(kv, h),
+        "attn.o.weight": normal(h, q),
+        "mlp_norm.weight": 1 + normal(h),
+        "mlp.gate.weight": normal(ff, h),
+        "mlp.up.weight": normal(ff, h),
+        "mlp.down.weight": normal(h, ff),
+    }
+    weights = {"embed.weight": normal(config.vocab_size, h), "norm.weight": 1 + normal(h)}
+    for i in range(config.num_layers if num_layers is None else num_layers):
+        weights.update({f"layers.{i}.{name}": array for name, array in layer.items()})
+    if not config.tie_word_embeddings:
+        weights["lm_head.weight"] = normal(config.vocab_size, h)
+    return weights
+
+
+def decode_page_table() -> tuple[np.ndarray, int]:
+    """A page table giving each of the BATCH users its own BLOCKS_PER_USER blocks, in a shuffled order as
+    an allocator would hand them out, and the number of blocks."""
+    blocks = BATCH * BLOCKS_PER_USER
+    order = np.random.default_rng(1).permutation(blocks).astype(np.int32)
+    return order.reshape(BATCH, BLOCKS_PER_USER), blocks

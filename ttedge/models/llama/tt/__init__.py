@@ -1,0 +1,5 @@
+"""The TT-NN port of the Llama family (decode mode, single chip), structured after tt-metal's
+``models/tt_transformers``: one module per file, weights prepared on the host from canonical numpy arrays.
+
+This package imports ``ttnn``; nothing outside it does, so the CPU package imports without it.
+"""

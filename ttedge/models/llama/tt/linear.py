@@ -1,0 +1,31 @@
+"""Decode projections as DRAM-sharded matmuls, tt_transformers' decode layout on one chip.
+
+Decode multiplies 32 rows by a whole weight matrix: the time is reading the weight. Width-sharding it
+over every DRAM bank, each bank read by its nearest worker, uses all of the chip's DRAM bandwidth.
+The input must be L1 width-sharded over the grid the program config names; the output comes back
+L1 width-sharded on the DRAM readers' cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ttnn
+
+from ttedge.models.llama.tt.model_config import DeviceSpec
+from ttedge.models.llama.tt.weights import device_weight
+
+
+class DramShardedLinear:
+    def __init__(self, mesh: ttnn.MeshDevice, spec: DeviceSpec, weight: np.ndarray, dtype: ttnn.DataType):
+        k, n = weight.shape
+        self.weight = device_weight(mesh, weight, dtype, memory_config=spec.dram_sharded_weight(k, n))
+        self.input_memory = spec.width_sharded_input(k)
+        self.program = spec.dram_matmul_program(k, n)
+
+    def __call__(self, x: ttnn.Tensor) -> ttnn.Tensor:
+        return ttnn.linear(
+            ttnn.to_memory_config(x, self.input_memory),
+            self.weight,
+            program_config=self.program,
+            memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
+        )
