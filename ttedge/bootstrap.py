@@ -62,7 +62,9 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
         runner,
         lambda prompt_ids: tokenizer.detokenizer(prompt_ids=prompt_ids),
         eos_token_ids=tuple(tokenizer.eos_token_ids | set(checkpoint.config.eos_token_ids)),
-        scheduler_config=SchedulerConfig(settings.max_num_seqs, settings.max_num_batched_tokens),
+        scheduler_config=SchedulerConfig(
+            settings.max_num_seqs, settings.max_num_batched_tokens, policy=settings.scheduling
+        ),
         max_queue_len=settings.max_queue_len,
     )
     return LoadedEngine(engine, tokenizer, checkpoint, card, time.perf_counter() - started)

@@ -234,6 +234,7 @@ class EngineSettings:
     max_model_len: int | None = None
     threads: int | None = None  # torch intra-op threads; None = all cores
     max_queue_len: int | None = None  # requests that may wait beyond a full batch; None = no limit
+    scheduling: str = "fcfs"  # scheduling policy: fcfs | length-aware (docs/scheduling.md)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Response length (tokens) the scheduler's length predictor expects; None until predicted.
+    predicted_output_len: int | None = None
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
