@@ -12,6 +12,7 @@ from ttedge.checkpoint import CheckpointError
 from ttedge.checkpoint.discovery import ModelNotFoundError, discover_models
 from ttedge.config import ConfigError, EngineSettings, ServerSettings
 from ttedge.engine.engine import RequestRejected
+from ttedge.engine.policies import POLICY_NAMES
 from ttedge.engine.sampling import SamplingError, SamplingParams
 from ttedge.models.llama.linear import WeightFormat
 from ttedge.tokenizer import TokenizerError
@@ -38,6 +39,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=EngineSettings.kv_cache_mb)
     parser.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument(
+        "--scheduling",
+        choices=POLICY_NAMES,
+        default=EngineSettings.scheduling,
+        help="who runs next: first come first served, or shortest predicted response first with aging",
+    )
 
 
 def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSettings:
@@ -47,6 +54,7 @@ def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSett
         kv_cache_mb=args.kv_cache_mb,
         max_model_len=args.max_model_len,
         threads=args.threads,
+        scheduling=args.scheduling,
         **overrides,  # type: ignore[arg-type]
     )
 
