@@ -2,13 +2,14 @@
 
 One step is 30 layers of QKV (fused), O, gate+up (fused) and down projections plus the LM head,
 run through ``build_linear`` exactly as the model calls it, with random weights (30 distinct layers,
-so weights stream from memory as they do in the model). Attention, norms and the rest of the step
-are not included: this is the matmul floor a format puts under the end-to-end speed.
+as many bytes as the model's). Attention, norms and the rest of the step are not included: this is
+the matmul floor a format puts under the end-to-end speed.
 
 Formats are timed round-robin in one process so that load from other processes on the machine hits
-them alike; the reported time is the fastest repeat (the least disturbed one), the median is in the
-JSON. Also timed: converting a float32 stream to bfloat16 and back around every projection, which
-is what a model pays per step if it keeps float32 activations with a bfloat16-activation format.
+them alike, a few steps back to back per turn as a decode loop runs them; the reported time is the
+fastest step (the least disturbed one), the median is in the JSON. Also timed: converting a float32
+stream to bfloat16 and back around every projection, which is what a model pays per step if it
+keeps float32 activations with a bfloat16-activation format.
 
     python scripts/bench_linear.py [--rows 1 8 32] [--formats float32 int4 ...] [--json out.json]
 """
@@ -79,7 +80,8 @@ def main() -> None:
         default=[f.value for f in WeightFormat],
         choices=[f.value for f in WeightFormat],
     )
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="turns of every job, round-robin")
+    parser.add_argument("--burst", type=int, default=3, help="back-to-back runs of a job per turn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -103,16 +105,19 @@ def main() -> None:
         times: dict[tuple[str, int], list[float]] = {key: [] for key in jobs}
         for _ in range(args.repeats):
             for key, job in jobs.items():
-                start = time.perf_counter()
-                job()
-                times[key].append(time.perf_counter() - start)
+                # Back to back, as a decode loop runs a model: its weights may stay in the last-level cache.
+                for _ in range(args.burst):
+                    start = time.perf_counter()
+                    job()
+                    times[key].append(time.perf_counter() - start)
 
     names = [*(f.value for f in formats), "convert f32<->bf16"]
     nbytes = {fmt.value: sum(lin.nbytes for lin in step) for fmt, step in steps.items()}
     header = f"{'format':20s} {'MB':>6s}" + "".join(
         f" | rows={r:<3d} {'ms':>6s} {'tok/s':>7s}" for r in args.rows
     )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {args.repeats} repeats")
+    samples = args.repeats * args.burst
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {samples} steps")
     print(header)
     print("-" * len(header))
     for name in names:
@@ -128,7 +133,7 @@ def main() -> None:
         result = {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "repeats": args.repeats,
+            "steps_timed": samples,
             "nbytes": nbytes,
             "ms": {
                 name: {
