@@ -23,6 +23,7 @@ Canonical names (``{i}`` is the layer index):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,3 +129,35 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def optional_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Canonical tensors a checkpoint may hold, with their shapes."""
     return {"rope.freq_factors": (config.head_dim // 2,)}
+
+
+class TensorNaming:
+    """Maps a format's tensor names to canonical ones and back.
+
+    ``layer_prefix`` is the format's per-layer prefix with ``{i}`` for the layer index; the two
+    tables map the format's names (per layer without the prefix, and global) to canonical ones.
+    """
+
+    def __init__(self, layer_prefix: str, layer_names: dict[str, str], global_names: dict[str, str]):
+        self._layer_prefix = layer_prefix
+        self._layer = layer_names
+        self._global = global_names
+        self._layer_back = {canonical: stored for stored, canonical in layer_names.items()}
+        self._global_back = {canonical: stored for stored, canonical in global_names.items()}
+        self._layer_re = re.compile(re.escape(layer_prefix).replace(r"\{i\}", r"(\d+)") + r"(.+)")
+
+    def canonical(self, stored: str) -> str | None:
+        """The canonical name of a stored tensor name, or ``None`` if it has none."""
+        if stored in self._global:
+            return self._global[stored]
+        match = self._layer_re.fullmatch(stored)
+        if match and match.group(2) in self._layer:
+            return f"layers.{match.group(1)}.{self._layer[match.group(2)]}"
+        return None
+
+    def stored(self, canonical: str) -> str:
+        """The format's name of a canonical tensor name."""
+        if canonical.startswith("layers."):
+            _, index, rest = canonical.split(".", 2)
+            return self._layer_prefix.format(i=index) + self._layer_back[rest]
+        return self._global_back[canonical]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from ttedge.checkpoint.base import (
     Checkpoint,
     CheckpointError,
     QuantizedBlocks,
+    TensorNaming,
     TensorSource,
     canonical_shapes,
     optional_shapes,
@@ -62,29 +62,19 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
     "rope_freqs.weight": "rope.freq_factors",
 }
-_GGUF_LAYER_NAMES = {canonical: stored for stored, canonical in _LAYER_NAMES.items()}
-_GGUF_GLOBAL_NAMES = {canonical: stored for stored, canonical in _GLOBAL_NAMES.items()}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+_NAMING = TensorNaming("blk.{i}.", _LAYER_NAMES, _GLOBAL_NAMES)
 # End-of-generation tokens besides eos (llama.cpp stops on all of them), e.g. Llama 3's <|eot_id|>.
 _EXTRA_EOG_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
 def canonical_name(gguf_name: str) -> str | None:
     """The canonical name of a llama GGUF tensor name, or ``None`` if it has none."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    return None
+    return _NAMING.canonical(gguf_name)
 
 
 def gguf_name(canonical: str) -> str:
     """The llama GGUF name of a canonical tensor name."""
-    if canonical.startswith("layers."):
-        _, index, rest = canonical.split(".", 2)
-        return f"blk.{index}.{_GGUF_LAYER_NAMES[rest]}"
-    return _GGUF_GLOBAL_NAMES[canonical]
+    return _NAMING.stored(canonical)
 
 
 def open_gguf_checkpoint(file: Path, *, keep_dtype: bool = False) -> Checkpoint:

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from ttedge.checkpoint.base import (
     Checkpoint,
     CheckpointError,
+    TensorNaming,
     TensorSource,
     canonical_shapes,
 )
@@ -56,9 +57,7 @@ _GLOBAL_NAMES = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_HF_LAYER_NAMES = {canonical: hf for hf, canonical in _LAYER_NAMES.items()}
-_HF_GLOBAL_NAMES = {canonical: hf for hf, canonical in _GLOBAL_NAMES.items()}
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_NAMING = TensorNaming("model.layers.{i}.", _LAYER_NAMES, _GLOBAL_NAMES)
 # Older transformers versions saved the rotary inverse frequencies as a buffer; they are
 # derived from the config, so the file's copy carries no information.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -66,20 +65,12 @@ _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 def canonical_name(hf_name: str) -> str | None:
     """The canonical name of a Hugging Face Llama tensor name, or ``None`` if it has none."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    match = _LAYER_RE.fullmatch(hf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    return None
+    return _NAMING.canonical(hf_name)
 
 
 def hf_name(canonical: str) -> str:
     """The Hugging Face name of a canonical tensor name."""
-    if canonical.startswith("layers."):
-        _, index, rest = canonical.split(".", 2)
-        return f"model.layers.{index}.{_HF_LAYER_NAMES[rest]}"
-    return _HF_GLOBAL_NAMES[canonical]
+    return _NAMING.stored(canonical)
 
 
 def open_hf_checkpoint(directory: Path, *, keep_dtype: bool = False) -> Checkpoint:
