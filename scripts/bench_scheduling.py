@@ -65,7 +65,8 @@ class RunResult:
     regime: str
     arrivals: str
     rep: int
-    seconds: float
+    seconds: float  # on the chosen clock
+    wall_seconds: float
     output_tokens: int
     tokens_per_s: float
     requests_per_s: float
@@ -89,8 +90,37 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+class Clock:
+    """Seconds since the run started, on one of two timelines. ``wall``: real time, right on a quiet
+    machine. ``cpu``: this process's CPU time plus the idle gaps between arrivals, i.e. the timeline the
+    run would have alone on the machine; with one thread it is barely moved by other processes, so
+    runs compare fairly on a shared machine."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._read = time.process_time if kind == "cpu" else time.monotonic
+        self._start = self._read()
+        self._skipped = 0.0
+
+    def __call__(self) -> float:
+        return self._read() - self._start + self._skipped
+
+    def wait_until(self, t: float) -> None:
+        gap = t - self()
+        if gap <= 0:
+            return
+        if self.kind == "cpu":
+            self._skipped += gap
+        else:
+            time.sleep(gap)
+
+
 def run_workload(
-    engine: Engine, prompts: list[list[int]], arrivals: list[float], label: tuple[str, str, str, int]
+    engine: Engine,
+    prompts: list[list[int]],
+    arrivals: list[float],
+    clock_kind: str,
+    label: tuple[str, str, str, int],
 ) -> RunResult:
     """Feed requests at their arrival times (seconds from the start) and step the engine to the end."""
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -98,24 +128,26 @@ def run_workload(
     records: dict[str, Record] = {}
     seqs: dict[str, Sequence] = {}
     computed = steps = batch_total = 0
-    start = time.monotonic()
+    clock = Clock(clock_kind)
+    engine.scheduler.clock = clock  # waiting times for aging on the same timeline
+    wall_start = time.monotonic()
     while order or engine.has_unfinished():
-        now = time.monotonic() - start
+        now = clock()
         while order and arrivals[order[0]] <= now:
             i = order.pop(0)
             rid = f"r{i}"
             seqs[rid] = engine.add_request(prompts[i], params, request_id=rid)
-            seqs[rid].arrival_time = start + arrivals[i]
+            seqs[rid].arrival_time = arrivals[i]
             records[rid] = Record(arrival=arrivals[i], prompt_tokens=len(prompts[i]))
         if not engine.has_unfinished():
-            time.sleep(max(0.0, arrivals[order[0]] - now))
+            clock.wait_until(arrivals[order[0]])
             continue
         chunks = engine.scheduler.schedule()
         computed += sum(c.num_tokens for c in chunks)
         steps += 1
         batch_total += len(chunks)
         outputs = engine.execute(chunks)
-        now = time.monotonic() - start
+        now = clock()
         for out in outputs:
             record = records[out.request_id]
             if record.first_token is None:
@@ -123,7 +155,7 @@ def run_workload(
             if out.finished:
                 record.finished = now
                 record.output_tokens = out.num_output_tokens
-    seconds = time.monotonic() - start
+    seconds = clock()
     for rid, seq in seqs.items():
         records[rid].predicted = seq.predicted_output_len
     done = list(records.values())
@@ -140,6 +172,7 @@ def run_workload(
         arrivals=arrival_kind,
         rep=rep,
         seconds=seconds,
+        wall_seconds=time.monotonic() - wall_start,
         output_tokens=output_tokens,
         tokens_per_s=output_tokens / seconds,
         requests_per_s=len(done) / seconds,
@@ -274,6 +307,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-wait-s", type=float, default=SchedulerConfig.max_wait_s)
     parser.add_argument("--weights", default="int4", help="CPU weight format (float32 is batch-invariant)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the cpu clock fair)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="see Clock")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
@@ -285,7 +320,7 @@ def main() -> None:
     if "poisson" in args.arrivals and args.arrivals[0] != "burst":
         raise SystemExit("poisson arrivals are paced by the burst rate: list burst first")
 
-    loaded = load_engine(EngineSettings(weight_format=args.weights, kv_cache_mb=1))
+    loaded = load_engine(EngineSettings(weight_format=args.weights, kv_cache_mb=1, threads=args.threads))
     base = loaded.engine
     assert isinstance(base.runner, CpuModelRunner)
     model = base.runner.model
@@ -295,7 +330,7 @@ def main() -> None:
     prompts = [chat_ids(loaded.tokenizer, prompts_all[i].text) for i in chosen]
     print(
         f"{len(prompts)} held-out prompts, {sum(map(len, prompts))} prompt tokens, {args.weights} weights, "
-        f"{torch.get_num_threads()} threads, max_num_seqs {args.max_num_seqs}",
+        f"{torch.get_num_threads()} threads, {args.clock} clock, max_num_seqs {args.max_num_seqs}",
         file=sys.stderr,
     )
 
@@ -328,13 +363,16 @@ def main() -> None:
                     spent = [0.0]
                     if scheduler.predict_length is not None:
                         scheduler.predict_length = timed(scheduler.predict_length, spent)
-                    result = run_workload(engine, prompts, arrivals, (name, regime, arrival_kind, rep))
+                    result = run_workload(
+                        engine, prompts, arrivals, args.clock, (name, regime, arrival_kind, rep)
+                    )
                     result.predict_seconds = spent[0]
                     results.append(result)
                     if name == "fcfs":
                         true_lengths.update({f"r{i}": n for i, n in enumerate(result.lengths)})
                     print(
-                        f"{regime} {arrival_kind} rep {rep} {name}: {result.tokens_per_s:.1f} tok/s, "
+                        f"{regime} {arrival_kind} rep {rep} {name}: {result.tokens_per_s:.1f} tok/s "
+                        f"({result.output_tokens} tokens, {result.wall_seconds:.0f} s wall), "
                         f"mean latency {result.latency_mean:.1f} s, {result.preemptions} preemptions, "
                         f"outputs {result.outputs_digest}",
                         file=sys.stderr,

@@ -189,6 +189,16 @@ def test_fused_weights_equal_separate_linears(fmt: WeightFormat) -> None:
             torch.testing.assert_close(part, layer(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", [WeightFormat.int8, WeightFormat.int4])
+def test_quantised_kernels_are_batch_invariant(fmt: WeightFormat) -> None:
+    """A row's output does not depend on the other rows: verify (many rows) equals decode (one)."""
+    layer = build_linear([_weight(OUT, IN, 23)], fmt)
+    x = _x(33, IN).bfloat16()
+    batched = layer(x)
+    for start, stop in ((0, 1), (5, 6), (3, 8), (1, 33)):
+        torch.testing.assert_close(layer(x[start:stop]), batched[start:stop], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("rows", ROWS)
 def test_fused_q4_1_sources_stay_exact(rows: int) -> None:
     """QKV from Q4_1 blocks, with a float V fused after them for good measure."""

@@ -28,10 +28,18 @@ torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) dequantises group-wise
 ``w = (q - 8) * scale + zero`` with unsigned codes ``q`` in [0, 15] and ``scale``/``zero`` in the
 activation dtype. GGUF Q4_1 stores ``w = d * q + m`` per 32 weights, so its codes repack verbatim
 with ``scale = d`` and ``zero = m + 8 d``. The only rounding left is that of ``d`` and ``m + 8 d``
-(float16 and exact float32 respectively) to bfloat16: weight error ≤ 0.04 d (RMS 0.006 d, against
-0.28 d for Q4_1's own quantisation), about as large as the rounding of activations to bfloat16.
-float32 or float16 scales are accepted only with activations of the same dtype, and the kernel
-then runs a scalar loop 30-60x slower, so bfloat16 it is.
+to bfloat16: weight error ≤ 0.04 d (RMS 0.006 d, against 0.28 d for Q4_1's own quantisation),
+about as large as the rounding of activations to bfloat16. float32 or float16 scales are accepted
+only with activations of the same dtype, and the kernel then runs a scalar loop 30-120x slower, so
+bfloat16 it is.
+
+Batch invariance
+----------------
+The int8 and int4 kernels compute every row on its own: a token's output is bit for bit the same
+whatever else is in the batch, so a multi-token verify forward reproduces single-token decode
+exactly. float32 (MKL) and bfloat16 (oneDNN) pick different kernels by batch size and differ in the
+last bits, and ``auto`` switches weights with it; exactness claims across batch sizes need the
+comparison made at the same batch shape there.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ _INT4_N_MULTIPLE = 16
 # Rows packed per call: bounds the int32 code buffer the packer wants (a multiple of its 64-row tile).
 _INT4_PACK_ROWS = 4096
 # Rows (tokens) up to which `auto` runs int4: above, bfloat16 on AMX is faster (scripts/bench_linear.py).
-AUTO_INT4_MAX_ROWS = 4
+AUTO_INT4_MAX_ROWS = 8
 
 _Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles
 
@@ -220,7 +228,7 @@ class Int4Groups:
         nibbles = raw[..., 4:]
         # Byte j of a block holds weight j in its low nibble and weight j + 16 in its high nibble.
         codes = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).reshape(rows, cols)
-        # m + 8 d is exact in float32 (both are float16); only the cast to bfloat16 rounds.
+        # m + 8 d is exact in float32 unless d is tiny next to m; the cast to bfloat16 is what rounds.
         return cls(codes, d.to(torch.bfloat16), (m + 8 * d).to(torch.bfloat16))
 
     @classmethod
@@ -294,8 +302,8 @@ class AutoLinear(Linear):
     """int4 for small batches (bandwidth-bound), bfloat16 for large ones (compute-bound, AMX).
 
     The bfloat16 copy is made from the int4 weights, not from the source, so both paths compute with
-    the same weights up to bfloat16 rounding and a model's answers do not depend on the batch size
-    beyond that.
+    the same weights up to bfloat16 rounding: switching with the batch size moves results by that
+    much, not by a quantisation step. Memory is int4 plus bfloat16 (4.2x int4, 1.3x bfloat16).
     """
 
     fmt = WeightFormat.auto
