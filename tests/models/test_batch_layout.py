@@ -34,7 +34,8 @@ def test_mixed_prefill_and_decode_are_causal_per_sequence():
     assert [int(mask[0, 0, i].sum()) for i in range(3)] == [1, 2, 3]
     # The third sequence's second new token (position 33) sees 34 keys, in blocks 1 then 5.
     assert int(mask[2, 0, 1].sum()) == 34
-    assert layout.gather_index[2, 33].item() == 5 * BLOCK_SIZE + 1
+    assert layout.slot_mapping[5].item() == 5 * BLOCK_SIZE + 1
+    assert layout.block_tables[2].tolist() == [1, 5] and layout.context_len == 34
     # Scattering the padded attention output back recovers the flat token order.
     assert layout.query_index is not None and layout.output_index is not None
     flat = torch.arange(6)

@@ -25,13 +25,16 @@ from gguf.quants import dequantize, quantize
 from ttedge.checkpoint.base import QuantizedBlocks, TensorSource
 from ttedge.models.llama import linear
 from ttedge.models.llama.linear import (
+    AUTO_HEAD_INT8_MAX_ROWS,
     AUTO_INT4_MAX_ROWS,
     AutoLinear,
+    BFloat16Linear,
     Int4Groups,
     Int4Linear,
     Int8Linear,
     WeightFormat,
     build_linear,
+    build_lm_head,
     weight_source,
 )
 
@@ -248,6 +251,25 @@ def test_auto_picks_int4_for_small_batches_and_bfloat16_above() -> None:
         err, magnitude, exact = _errors(y, x, w)
         assert bool((err <= _bf16_bound(magnitude, exact, IN) + x.double().abs() @ weight_error.T).all())
         assert _rms(err) < 2 * _rounding_rms(x, w)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [("int4", Int8Linear), ("int8", Int8Linear), ("bfloat16", BFloat16Linear), ("auto", AutoLinear)],
+)
+def test_lm_head_stays_at_8_bits_under_the_4_bit_formats(fmt: str, expected: type) -> None:
+    head = build_lm_head(_weight(OUT, IN, 17), fmt)
+    assert isinstance(head, expected)
+
+
+def test_auto_lm_head_runs_int8_for_a_few_rows_and_bfloat16_above() -> None:
+    weight = _weight(OUT, IN, 19)
+    head = build_lm_head(weight, "auto")
+    int8, bf16 = build_linear([weight], "int8"), build_linear([weight], "bfloat16")
+    for rows in (1, AUTO_HEAD_INT8_MAX_ROWS, AUTO_HEAD_INT8_MAX_ROWS + 1, 32):
+        x = _x(rows, IN)
+        chosen = int8 if rows <= AUTO_HEAD_INT8_MAX_ROWS else bf16
+        torch.testing.assert_close(head(x), chosen(x), rtol=0, atol=0)
 
 
 def test_activation_dtype_contract() -> None:

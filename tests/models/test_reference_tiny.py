@@ -20,7 +20,7 @@ from tests.fixtures.tiny_checkpoints import (
 from tests.models.conftest_helpers import full_sequence_logits, pcc
 from ttedge.checkpoint import load_checkpoint
 from ttedge.config import RopeScaling
-from ttedge.models.llama.reference import LlamaModel
+from ttedge.models.llama.reference import LlamaModel, RotaryEmbedding, rope_inverse_frequencies
 from ttedge.runtime.base import StepInput
 from ttedge.runtime.cpu import CpuModelRunner
 
@@ -107,3 +107,22 @@ def test_low_precision_formats_stay_close_to_float32(tiny, weight_format):
     hf_dir, _, tokens, expected = tiny
     got = full_sequence_logits(runner_for(hf_dir, weight_format), tokens)
     assert pcc(got, expected) > 0.99
+
+
+def test_rotary_equals_rotate_half_bit_for_bit():
+    """The roll-and-signed-sin form computes Hugging Face's rotate-half products and sums exactly."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    config = tiny_config()
+    inv_freq = rope_inverse_frequencies(config)
+    rope = RotaryEmbedding(inv_freq, config.max_position_embeddings, torch.float32)
+    positions = torch.randint(
+        0, config.max_position_embeddings, (40,), generator=torch.Generator().manual_seed(3)
+    )
+    x = torch.randn(40, config.num_heads, config.head_dim, generator=torch.Generator().manual_seed(4))
+    angles = torch.outer(positions.float(), inv_freq)
+    cos = torch.cat((angles, angles), -1).cos()[:, None]
+    sin = torch.cat((angles, angles), -1).sin()[:, None]
+    expected = x * cos + rotate_half(x) * sin
+    got = rope(x, rope.cos[positions][:, None], rope.signed_sin[positions][:, None])
+    assert torch.equal(got, expected)

@@ -33,7 +33,8 @@ class SequenceChunk:
 class BatchLayout:
     positions: torch.Tensor  # [T] position of each new token
     slot_mapping: torch.Tensor  # [T] KV slot each new token writes
-    gather_index: torch.Tensor  # [B, C] KV slots each sequence reads, padded with slot 0
+    block_tables: torch.Tensor  # [B, ceil(C / BLOCK_SIZE)] KV blocks each sequence reads, padded with block 0
+    context_len: int  # C: keys the longest sequence attends to after this step's writes
     attn_mask: torch.Tensor | None  # [B, 1, Q, C] True where a query may attend; None = attend to all
     query_index: torch.Tensor | None  # [B, Q] rows of the flat tokens per sequence; None when Q == 1
     output_index: torch.Tensor | None  # [T] row of each token in the padded [B * Q] output
@@ -42,7 +43,7 @@ class BatchLayout:
 
     @property
     def num_sequences(self) -> int:
-        return int(self.gather_index.shape[0])
+        return int(self.block_tables.shape[0])
 
     @classmethod
     def build(cls, chunks: list[SequenceChunk]) -> BatchLayout:
@@ -61,21 +62,19 @@ class BatchLayout:
         max_q = int(lengths.max())
         max_ctx = int(ends.max())
         max_blocks = -(-max_ctx // BLOCK_SIZE)
-        tables = torch.zeros(len(chunks), max_blocks, dtype=torch.long)
-        for row, chunk in enumerate(chunks):
+        padded_tables = []
+        for chunk in chunks:
             used = chunk.block_table[:max_blocks]
-            tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
-
-        offsets = torch.arange(max_ctx)
-        gather_index = tables[:, offsets // BLOCK_SIZE] * BLOCK_SIZE + offsets % BLOCK_SIZE
-        gather_index = torch.where(offsets < ends[:, None], gather_index, 0)
+            padded_tables.append(used + [0] * (max_blocks - len(used)))
+        tables = torch.tensor(padded_tables, dtype=torch.long)
 
         first_row = torch.cumsum(lengths, 0) - lengths
         token_seq = torch.repeat_interleave(torch.arange(len(chunks)), lengths)
         token_offset = torch.arange(int(lengths.sum())) - first_row[token_seq]
         positions = starts[token_seq] + token_offset
-        slot_mapping = gather_index[token_seq, positions]
+        slot_mapping = tables[token_seq, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
 
+        offsets = torch.arange(max_ctx)
         query_pos = starts[:, None] + torch.arange(max_q)[None, :]
         attn_mask: torch.Tensor | None = None
         if len(chunks) > 1 or max_q > 1:
@@ -104,7 +103,8 @@ class BatchLayout:
         return cls(
             positions=positions,
             slot_mapping=slot_mapping,
-            gather_index=gather_index,
+            block_tables=tables,
+            context_len=max_ctx,
             attn_mask=attn_mask,
             query_index=query_index,
             output_index=output_index,

@@ -73,6 +73,8 @@ _INT4_N_MULTIPLE = 16
 _INT4_PACK_ROWS = 4096
 # Rows (tokens) up to which `auto` runs int4: above, bfloat16 on AMX is faster (scripts/bench_linear.py).
 AUTO_INT4_MAX_ROWS = 8
+# Rows up to which the `auto` LM head runs int8; measured on the 49152 x 576 head of SmolLM2.
+AUTO_HEAD_INT8_MAX_ROWS = 2
 
 _Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles
 
@@ -299,29 +301,50 @@ class Int4Linear(Linear):
 
 
 class AutoLinear(Linear):
-    """int4 for small batches (bandwidth-bound), bfloat16 for large ones (compute-bound, AMX).
+    """A small-batch kernel up to ``max_small_rows`` rows, bfloat16 on AMX above.
 
-    The bfloat16 copy is made from the int4 weights, not from the source, so both paths compute with
-    the same weights up to bfloat16 rounding: switching with the batch size moves results by that
-    much, not by a quantisation step. Memory is int4 plus bfloat16 (4.2x int4, 1.3x bfloat16).
+    Small batches are bandwidth-bound, so fewer bytes per weight win; large ones are compute-bound,
+    where AMX's bfloat16 wins (``scripts/bench_linear.py``). Memory is both copies.
     """
 
     fmt = WeightFormat.auto
 
-    def __init__(self, groups: Int4Groups, max_int4_rows: int = AUTO_INT4_MAX_ROWS):
-        self.small = Int4Linear(groups)
-        self.large = BFloat16Linear(groups.dequantize())
-        self.out_features, self.in_features = self.small.out_features, self.small.in_features
-        self._max_int4_elements = max_int4_rows * self.in_features
+    def __init__(self, small: Linear, large: Linear, max_small_rows: int):
+        self.small, self.large = small, large
+        self.out_features, self.in_features = small.out_features, small.in_features
+        self._max_small_elements = max_small_rows * self.in_features
+
+    @classmethod
+    def from_int4(cls, groups: Int4Groups) -> AutoLinear:
+        """int4 and bfloat16 (4.2x int4, 1.3x bfloat16 in memory). The bfloat16 copy is made from the
+        int4 weights, not from the source, so switching with the batch size moves results by bfloat16
+        rounding, not by a quantisation step."""
+        return cls(Int4Linear(groups), BFloat16Linear(groups.dequantize()), AUTO_INT4_MAX_ROWS)
 
     @property
     def nbytes(self) -> int:
         return self.small.nbytes + self.large.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= self._max_int4_elements:
+        if x.numel() <= self._max_small_elements:
             return self.small.forward(x)
         return self.large.forward(x)
+
+
+def build_lm_head(weight: WeightSource, fmt: WeightFormat | str) -> Linear:
+    """The LM head: as the body, except that it stays at 8 bits under the 4-bit formats, as GGUF files
+    keep it (requantising SmolLM2's Q8_0 head to int4 drops top-1 agreement with float32 from 0.98
+    to 0.90). Under ``auto`` it is int8 for up to AUTO_HEAD_INT8_MAX_ROWS rows and bfloat16 above,
+    where the int8 kernel is 6x slower than AMX at 32 rows."""
+    fmt = WeightFormat(fmt)
+    if fmt is WeightFormat.int4:
+        return build_linear([weight], WeightFormat.int8)
+    if fmt is WeightFormat.auto:
+        int8 = build_linear([weight], WeightFormat.int8)
+        if int8.fmt is not WeightFormat.int8:
+            return int8
+        return AutoLinear(int8, BFloat16Linear(_as_float(weight)), AUTO_HEAD_INT8_MAX_ROWS)
+    return build_linear([weight], fmt)
 
 
 def build_linear(weights: Sequence[WeightSource], fmt: WeightFormat | str) -> Linear:
@@ -356,7 +379,7 @@ def build_linear(weights: Sequence[WeightSource], fmt: WeightFormat | str) -> Li
 
     if fmt in (WeightFormat.int4, WeightFormat.auto):
         groups = Int4Groups.cat([_int4_groups(w) for w in weights])
-        return Int4Linear(groups) if fmt is WeightFormat.int4 else AutoLinear(groups)
+        return Int4Linear(groups) if fmt is WeightFormat.int4 else AutoLinear.from_int4(groups)
     weight = torch.cat([_as_float(w) for w in weights]) if len(weights) > 1 else _as_float(weights[0])
     if fmt is WeightFormat.float32:
         return Float32Linear(weight)

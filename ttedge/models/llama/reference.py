@@ -18,10 +18,15 @@ import torch.nn.functional as F
 from ttedge.checkpoint.base import Checkpoint, CheckpointError
 from ttedge.config import ModelConfig
 from ttedge.models.llama.batch import BatchLayout
-from ttedge.models.llama.linear import Linear, WeightFormat, WeightSource, build_linear, weight_source
+from ttedge.models.llama.linear import (
+    Linear,
+    WeightFormat,
+    WeightSource,
+    build_linear,
+    build_lm_head,
+    weight_source,
+)
 from ttedge.runtime.kv_cache import CpuKVCache
-
-_LM_HEAD_FORMAT = {WeightFormat.int4: WeightFormat.int8, WeightFormat.auto: WeightFormat.int8}
 
 
 def rope_inverse_frequencies(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,25 +55,26 @@ def rope_inverse_frequencies(config: ModelConfig, freq_factors: torch.Tensor | N
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position the model supports, looked up per token."""
+    """cos/sin tables for every position the model supports, looked up per token.
+
+    Hugging Face's rotate-half, ``x * cos + cat(-x2, x1) * sin``, is computed as
+    ``x * cos + roll(x) * signed_sin`` with the sign folded into the table: the same products and the
+    same sum, bit for bit, in four ops instead of seven.
+    """
 
     def __init__(self, inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype):
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        both = torch.cat((angles, angles), dim=-1)
-        self.cos = both.cos().to(dtype)
-        self.sin = both.sin().to(dtype)
+        self.cos = torch.cat((angles, angles), dim=-1).cos().to(dtype)
+        self.signed_sin = torch.cat((-angles, angles), dim=-1).sin().to(dtype)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    # Low-precision streams normalise in float32, as Hugging Face does, then round once.
-    return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)) * weight
+    # In one fused op, which normalises in float32 and rounds once at the end; Hugging Face also rounds
+    # before the weight multiply, so low-precision streams differ from it by one rounding.
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 @dataclass
@@ -122,8 +128,10 @@ class LlamaModel:
         def source(name: str) -> WeightSource:
             return weight_source(checkpoint[name])
 
-        def linear(names: Sequence[str], fmt: WeightFormat = fmt) -> Linear:
+        def linear(names: Sequence[str], is_lm_head: bool = False) -> Linear:
             try:
+                if is_lm_head:
+                    return build_lm_head(source(names[0]), fmt)
                 return build_linear([source(n) for n in names], fmt)
             except (RuntimeError, ValueError) as err:
                 raise CheckpointError(
@@ -157,9 +165,7 @@ class LlamaModel:
             embed=checkpoint.load("embed.weight").to(dtype),
             layers=layers,
             norm=vector("norm.weight"),
-            # The LM head stays at 8 bits under the 4-bit formats, as GGUF files keep it: requantising
-            # SmolLM2's Q8_0 head to int4 drops top-1 agreement with float32 from 0.98 to 0.90.
-            lm_head=linear([head_name], _LM_HEAD_FORMAT.get(fmt, fmt)),
+            lm_head=linear([head_name], is_lm_head=True),
             inv_freq=rope_inverse_frequencies(config, None if freq_factors is None else freq_factors.load()),
             weight_format=fmt,
         )
@@ -175,44 +181,47 @@ class LlamaModel:
         """``forward`` up to the LM head: the final-norm hidden states [N, hidden] of
         ``layout.logits_indices``. The response-length predictor reads a prompt's representation here."""
         cfg = self.config
-        num_tokens = input_ids.shape[0]
+        num_tokens, num_sequences = input_ids.shape[0], layout.num_sequences
         cos = self.rope.cos[layout.positions].unsqueeze(1)
-        sin = self.rope.sin[layout.positions].unsqueeze(1)
+        signed_sin = self.rope.signed_sin[layout.positions].unsqueeze(1)
+        kv_rows = cache.block_rows(layout.block_tables)
+        rotated_width = cfg.q_size + cfg.kv_size
         x = self.embed[input_ids]
         for index, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            q, k, v = layer.qkv(h).split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
-            q = self.rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = self.rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            attn = self._attention(
-                q, k, v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), layout, cache, index
+            qkv = layer.qkv(rms_norm(x, layer.attn_norm, cfg.rms_norm_eps))
+            # Q and K rotate together: one rotary call per layer on a view of the fused projection.
+            qk = self.rope(
+                qkv[:, :rotated_width].view(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
+                cos,
+                signed_sin,
             )
-            x = x + layer.o(attn)
-            h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(h).split((cfg.intermediate_size, cfg.intermediate_size), dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
+            v = qkv[:, rotated_width:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            cache.write(index, layout.slot_mapping, k, v)
+            keys, values = cache.read(index, kv_rows, num_sequences, layout.context_len)
+            x += layer.o(self._attention(q, keys, values, layout))
+            gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)).split(
+                (cfg.intermediate_size, cfg.intermediate_size), dim=-1
+            )
+            x += layer.down(F.silu(gate).mul_(up))
         return rms_norm(x[layout.logits_indices], self.norm, cfg.rms_norm_eps)
 
     def _attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layout: BatchLayout,
-        cache: CpuKVCache,
-        layer: int,
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: BatchLayout
     ) -> torch.Tensor:
-        key_cache, value_cache = cache.keys[layer], cache.values[layer]
-        key_cache.index_copy_(1, layout.slot_mapping, k.transpose(0, 1))
-        value_cache.index_copy_(1, layout.slot_mapping, v.transpose(0, 1))
-        # [kv_heads, B, C, head_dim] -> [B, kv_heads, C, head_dim]
-        keys = key_cache[:, layout.gather_index].transpose(0, 1)
-        values = value_cache[:, layout.gather_index].transpose(0, 1)
+        """``q`` [T, heads, head_dim] against ``keys`` and ``values`` [B, kv_heads, C, head_dim];
+        returns [T, heads * head_dim]."""
+        cfg = self.config
         batch = layout.num_sequences
         if layout.query_index is None:
-            queries = q.unsqueeze(2)  # one query per sequence: [B, heads, 1, head_dim]
-        else:
-            queries = q[layout.query_index].transpose(1, 2)  # [B, heads, Q, head_dim]
+            # One query per sequence: the query heads sharing a KV head become that head's queries,
+            # so attention needs no GQA broadcast of K and V (1.8x faster at 32 sequences).
+            queries = q.reshape(batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=layout.attn_mask, scale=self.scale
+            )
+            return out.reshape(batch, cfg.q_size)
+        queries = q[layout.query_index].transpose(1, 2)  # [B, heads, Q, head_dim]
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=layout.attn_mask, scale=self.scale, enable_gqa=True
         )
