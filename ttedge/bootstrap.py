@@ -1,8 +1,10 @@
 """Assemble a ready engine from settings: resolve and read the checkpoint, check it against its model
-card, build the tokenizer, the model in the chosen CPU weight format, the runner and the engine."""
+card, build the tokenizer, the runner (the model in the chosen CPU weight format, or the TT-NN port on a
+Tenstorrent card) and the engine."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -18,7 +20,9 @@ from ttedge.config import EngineSettings
 from ttedge.engine.engine import Engine
 from ttedge.engine.scheduler import SchedulerConfig
 from ttedge.models.llama.reference import LlamaModel
+from ttedge.runtime.base import ModelRunner
 from ttedge.runtime.cpu import CpuModelRunner
+from ttedge.runtime.tt_host import check_tt_device
 from ttedge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,15 +53,39 @@ def check_card(checkpoint: Checkpoint) -> model_zoo.ModelCard | None:
     return None
 
 
+def build_runner(
+    settings: EngineSettings, checkpoint: Checkpoint, card: model_zoo.ModelCard | None
+) -> ModelRunner:
+    kv_cache_bytes = settings.kv_cache_mb * 2**20
+    if settings.device == "tt":
+        # Imported here: the TT backend imports ttnn, which CPU-only installs do not have.
+        from ttedge.runtime.tt import DEFAULT_PRESET, TtModelRunner, open_tt_device
+
+        guide = card.tt if card is not None else None
+        preset = guide.preset(guide.deployments[0].preset) if guide and guide.deployments else DEFAULT_PRESET
+        mesh = open_tt_device()
+        atexit.register(close_tt_device, mesh)
+        return TtModelRunner.from_checkpoint(mesh, checkpoint, preset, kv_cache_bytes, settings.max_model_len)
+    model = LlamaModel.from_checkpoint(checkpoint, settings.weight_format)
+    return CpuModelRunner(model, kv_cache_bytes, settings.max_model_len)
+
+
+def close_tt_device(mesh: object) -> None:
+    import ttnn
+
+    ttnn.close_device(mesh)
+
+
 def load_engine(settings: EngineSettings) -> LoadedEngine:
     started = time.perf_counter()
+    if settings.device == "tt":
+        check_tt_device()  # in a moment, before reading a checkpoint
     torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     path: Path = resolve_model(settings.model)
     checkpoint = load_checkpoint(path)
     card = check_card(checkpoint)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
-    model = LlamaModel.from_checkpoint(checkpoint, settings.weight_format)
-    runner = CpuModelRunner(model, settings.kv_cache_mb * 2**20, settings.max_model_len)
+    runner = build_runner(settings, checkpoint, card)
     engine = Engine(
         runner,
         lambda prompt_ids: tokenizer.detokenizer(prompt_ids=prompt_ids),

@@ -10,17 +10,19 @@ import time
 
 from ttedge.checkpoint import CheckpointError
 from ttedge.checkpoint.discovery import ModelNotFoundError, discover_models
-from ttedge.config import ConfigError, EngineSettings, ServerSettings
+from ttedge.config import DEVICES, ConfigError, EngineSettings, ServerSettings
 from ttedge.engine.engine import RequestRejected
 from ttedge.engine.policies import POLICY_NAMES
 from ttedge.engine.sampling import SamplingError, SamplingParams
 from ttedge.models.llama.linear import WeightFormat
+from ttedge.runtime.base import DeviceUnavailable
 from ttedge.tokenizer import TokenizerError
 
 # Errors that are the user's input or files, reported as one line rather than a traceback.
 USER_ERRORS = (
     CheckpointError,
     ConfigError,
+    DeviceUnavailable,
     ModelNotFoundError,
     RequestRejected,
     SamplingError,
@@ -30,6 +32,13 @@ USER_ERRORS = (
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint path or model-card name (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=EngineSettings.device,
+        help="cpu: the torch model on this machine; tt: the TT-NN port on a Tenstorrent card "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--weights",
         choices=[f.value for f in WeightFormat],
@@ -50,6 +59,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSettings:
     return EngineSettings(
         model=args.model,
+        device=args.device,
         weight_format=args.weights,
         kv_cache_mb=args.kv_cache_mb,
         max_model_len=args.max_model_len,
@@ -57,6 +67,12 @@ def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSett
         scheduling=args.scheduling,
         **overrides,  # type: ignore[arg-type]
     )
+
+
+def runs_on(args: argparse.Namespace) -> str:
+    """The backend for the status lines: the CPU weight format, or the card (its presets come from the
+    model card, not from --weights)."""
+    return args.weights if args.device == "cpu" else "tt"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -95,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     decode_rate = (generated - 1) / (finished - first_token_at) if generated > 1 else 0.0
     reason = seq.finish_reason.value if seq.finish_reason else "none"
     print(
-        f"[{loaded.checkpoint.path.name} · {args.weights} · loaded in {loaded.load_seconds:.1f} s · "
+        f"[{loaded.checkpoint.path.name} · {runs_on(args)} · loaded in {loaded.load_seconds:.1f} s · "
         f"{len(prompt_ids)} prompt tokens · first token {(first_token_at - started) * 1e3:.0f} ms · "
         f"{generated} tokens at {decode_rate:.1f} tok/s · finish: {reason}]",
         file=sys.stderr,
@@ -116,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def ready(url: str) -> None:
-        model = f"{server.service.model_id} ({args.weights}, loaded in {loaded.load_seconds:.1f} s)"
+        model = f"{server.service.model_id} ({runs_on(args)}, loaded in {loaded.load_seconds:.1f} s)"
         print(f"ttedge: serving {model} at {url}/v1", flush=True)
 
     server = build_server(loaded, settings, ready, log_level="info" if args.verbose else "warning")

@@ -222,13 +222,20 @@ def _rope_scaling_from_hf(raw: dict[str, Any] | None, source: str) -> RopeScalin
     )
 
 
+# Backends a model runs on: the torch reference on the host, or the TT-NN port on a Tenstorrent card.
+DEVICES = ("cpu", "tt")
+
+
 @dataclass(frozen=True)
 class EngineSettings:
-    """How to assemble an engine: which model, in which CPU weight format, with how much KV memory."""
+    """How to assemble an engine: which model, on which device, in which CPU weight format, with how much KV
+    memory."""
 
     model: str | None = None  # a path or a model-card name; None = the embedded default
-    weight_format: str = "int4"
-    kv_cache_mb: int = 256
+    device: str = "cpu"  # one of DEVICES
+    # int4 for small batches, bfloat16 above: 1.9x int4's aggregate at 32 sequences (docs/benchmarks.md).
+    weight_format: str = "auto"
+    kv_cache_mb: int = 256  # host memory on cpu, device DRAM on tt
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None

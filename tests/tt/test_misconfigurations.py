@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ttnn
 
@@ -89,3 +90,42 @@ def test_concat_heads_needs_the_batch_on_a_rectangle_of_cores(
     assert ttnn.experimental.nlp_concat_heads_decode(
         rectangle, num_heads=SMOLLM2.num_heads
     ).shape == ttnn.Shape([1, 1, BATCH, SMOLLM2.num_heads * SMOLLM2.head_dim])
+
+
+def chunked_prefill_inputs(device: ttnn.MeshDevice, blocks_per_user: int) -> tuple[ttnn.Tensor, ...]:
+    """A 64-token chunk of SmolLM2's 9 query heads and a paged bfloat8_b cache of its 3 KV heads."""
+    config = SMOLLM2
+    q = zeros(device, (1, config.num_heads, 64, config.head_dim))
+    cache = zeros(device, (8, config.num_kv_heads, BLOCK_TOKENS, config.head_dim), ttnn.bfloat8_b)
+    page_table = zeros(device, (1, blocks_per_user), ttnn.int32, layout=ttnn.ROW_MAJOR_LAYOUT)
+    return q, cache, page_table
+
+
+def test_chunked_prefill_attention_reads_as_far_as_the_page_table_reaches(
+    mock_device: Callable[[str | Path], ttnn.MeshDevice],
+) -> None:
+    """A chunk attends to every position before it through the user's page table: a table of 3 blocks
+    (96 tokens) cannot serve a 64-token chunk at position 64."""
+    device = mock_device("n150")
+    q, cache, short_table = chunked_prefill_inputs(device, blocks_per_user=3)
+    with pytest.raises(
+        RuntimeError, match="K's sequence length must be >= Q's sequence length \\+ chunk_start_idx"
+    ):
+        ttnn.transformer.chunked_scaled_dot_product_attention(q, cache, cache, short_table, 64)
+    _, _, table = chunked_prefill_inputs(device, blocks_per_user=4)
+    assert ttnn.transformer.chunked_scaled_dot_product_attention(q, cache, cache, table, 64).shape == q.shape
+
+
+def test_chunked_prefill_attention_takes_only_scales_float32_holds_exactly(
+    mock_device: Callable[[str | Path], ttnn.MeshDevice],
+) -> None:
+    """ttnn 0.81.1's binding of the chunked SDPA refuses a Python float that float32 cannot hold exactly
+    (head_dim 32's 32 ** -0.5 included) as "incompatible function arguments", while plain SDPA and SDPA
+    decode take it; the port rounds the scale to float32 first (attention.py)."""
+    device = mock_device("n150")
+    q, cache, table = chunked_prefill_inputs(device, blocks_per_user=4)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        ttnn.transformer.chunked_scaled_dot_product_attention(q, cache, cache, table, 64, scale=32**-0.5)
+    exact = float(np.float32(32**-0.5))
+    out = ttnn.transformer.chunked_scaled_dot_product_attention(q, cache, cache, table, 64, scale=exact)
+    assert out.shape == q.shape

@@ -1,6 +1,6 @@
-"""The whole decode step of the TT-NN port (ttedge.models.llama.tt.model.Transformer) over all layers,
-on mock n150 (Wormhole) and p150 (Blackhole): several steps at a tiny config, one at SmolLM2-135M's
-30 layers.
+"""The whole model of the TT-NN port (ttedge.models.llama.tt.model.Transformer) over all layers, on mock
+n150 (Wormhole) and p150 (Blackhole): a prompt prefilled (from the start, and a chunk deeper into the cache),
+then decode steps; several steps at a tiny config, one at SmolLM2-135M's 30 layers.
 
 Mock validation (no numerics): ttnn checks every op and allocates every buffer; logits are zeros.
 """
@@ -27,9 +27,17 @@ def card_preset(card: str, preset: str) -> PrecisionPreset:
     return found.tt.preset(preset)
 
 
-def run_decode(mesh: ttnn.MeshDevice, config: ModelConfig, preset: PrecisionPreset, steps: int) -> None:
+def run_model(mesh: ttnn.MeshDevice, config: ModelConfig, preset: PrecisionPreset, steps: int) -> None:
     page_table, blocks = decode_page_table()
     model = Transformer(mesh, config, random_weights(config), preset, blocks)
+    padded_vocab = pad_to_tile(config.vocab_size)
+    # User 0's prompt: 40 tokens from the start (the last token's tile row comes back), then 30 more from
+    # position 64 attending to the cache, with every row's logits.
+    prompt = np.arange(70, dtype=np.uint32) % config.vocab_size
+    first = model.prefill(prompt[:40], page_table[0])
+    assert first.shape == ttnn.Shape([1, 1, 32, padded_vocab])
+    rest = model.prefill(prompt[40:], page_table[0], start=64, all_rows=True)
+    assert rest.shape == ttnn.Shape([1, 1, 32, padded_vocab])
     assert len(model.layers) == config.num_layers
     dtypes = WeightDtypes.from_preset(preset, 0)
     first = model.layers[0]
@@ -42,7 +50,7 @@ def run_decode(mesh: ttnn.MeshDevice, config: ModelConfig, preset: PrecisionPres
     for _ in range(steps):
         tokens = rng.integers(0, config.vocab_size, BATCH).astype(np.uint32)
         logits = model.decode(tokens, positions, page_table)
-        assert logits.shape == ttnn.Shape([1, 1, BATCH, pad_to_tile(config.vocab_size)])
+        assert logits.shape == ttnn.Shape([1, 1, BATCH, padded_vocab])
         positions = positions + 1
 
 
@@ -57,14 +65,14 @@ PRESETS = [
 
 @pytest.mark.parametrize("board", ["n150", "p150"])
 @pytest.mark.parametrize("card,preset", PRESETS)
-def test_tiny_model_decodes_three_steps(
+def test_tiny_model_prefills_and_decodes_three_steps(
     mock_device: Callable[[str | Path], ttnn.MeshDevice], board: str, card: str, preset: str
 ) -> None:
-    run_decode(mock_device(board), TINY, card_preset(card, preset), steps=3)
+    run_model(mock_device(board), TINY, card_preset(card, preset), steps=3)
 
 
 @pytest.mark.parametrize("board", ["n150", "p150"])
-def test_smollm2_decodes_one_step_over_all_30_layers(
+def test_smollm2_prefills_and_decodes_one_step_over_all_30_layers(
     mock_device: Callable[[str | Path], ttnn.MeshDevice], board: str
 ) -> None:
-    run_decode(mock_device(board), SMOLLM2, SMOLLM2_PRESET, steps=1)
+    run_model(mock_device(board), SMOLLM2, SMOLLM2_PRESET, steps=1)

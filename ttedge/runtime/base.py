@@ -11,12 +11,20 @@ unreadable, since attention only reads positions below it, and frees the blocks 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from ttedge.config import ModelConfig
-from ttedge.runtime.kv_cache import BlockAllocator
+
+if TYPE_CHECKING:
+    # Annotations only: the TT backend's host side imports this module where torch is not installed
+    # (the TT validation tier's .venv-tt).
+    import torch
+
+    from ttedge.runtime.kv_cache import BlockAllocator
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device a backend needs is not there (no package to drive it, no card); a user error, not a bug."""
 
 
 @dataclass(frozen=True)

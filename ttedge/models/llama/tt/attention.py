@@ -1,8 +1,14 @@
-"""Grouped-query attention in decode mode over a paged KV cache (tt_transformers' ``attention.py``).
+"""Grouped-query attention over a paged KV cache, decode and prefill (tt_transformers' ``attention.py``).
 
-One token per user, 32 users: fused QKV linear, split into heads one user per core, rotary embedding
-(Meta pair order, see ``rope.py``), K and V written into the paged cache at each user's position through
-the page table, paged SDPA decode over each user's blocks, heads concatenated, output projection.
+Decode, one token per user, 32 users: fused QKV linear, split into heads one user per core, rotary
+embedding (Meta pair order, see ``rope.py``), K and V written into the paged cache at each user's position
+through the page table, paged SDPA decode over each user's blocks, heads concatenated, output projection.
+
+Prefill, a run of tokens of one user (``forward_prefill``): the same fused QKV linear over every row,
+heads split in DRAM, rotary embedding in prefill mode, K and V copied block by block into the cache
+through the user's page table (``paged_fill_cache``), then causal attention: over the chunk itself when it
+starts the sequence, or over the cache through the page table when earlier chunks are already there
+(``chunked_scaled_dot_product_attention``); heads concatenated, output projection.
 """
 
 from __future__ import annotations
@@ -14,7 +20,13 @@ import ttnn
 
 from ttedge.config import ModelConfig
 from ttedge.models.llama.tt.linear import DramShardedLinear
-from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, BLOCK_TOKENS, TILE, DeviceSpec
+from ttedge.models.llama.tt.model_config import (
+    ACTIVATIONS_MEMORY,
+    BLOCK_TOKENS,
+    PREFILL_MEMORY,
+    TILE,
+    DeviceSpec,
+)
 from ttedge.models.llama.tt.rope import RotaryInputs
 from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes, device_weight
 
@@ -28,6 +40,16 @@ class DecodeInputs:
     rotary: RotaryInputs
 
 
+@dataclass(frozen=True)
+class PrefillInputs:
+    """Inputs every layer shares for one prefill chunk of one user."""
+
+    start: int  # position of the chunk's first token, a multiple of BLOCK_TOKENS
+    fill_page_table: ttnn.Tensor  # [1, chunk blocks] int32: where the chunk's K/V go, block by block
+    page_table: ttnn.Tensor  # [1, blocks_per_user] int32: the user's whole table, read when start > 0
+    rotary: RotaryInputs
+
+
 class Attention:
     def __init__(
         self,
@@ -38,8 +60,11 @@ class Attention:
         dtypes: WeightDtypes,
         num_blocks: int,
     ):
+        self.spec = spec
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.scale = config.head_dim**-0.5
+        # The kernels take a float32 scale. ttnn 0.81.1's chunked prefill SDPA refuses a Python float that
+        # float32 cannot hold exactly ("incompatible function arguments" for 32**-0.5), so round it first.
+        self.scale = float(np.float32(config.head_dim**-0.5))
         self.wqkv = DramShardedLinear(mesh, spec, layer.wqkv, dtypes.attention)
         self.wo = DramShardedLinear(mesh, spec, layer.wo, dtypes.attention)
         # The paged cache: [blocks, kv_heads, block_tokens, head_dim], shared by all users via page tables.
@@ -76,3 +101,47 @@ class Attention:
         scores = ttnn.to_memory_config(scores, self.heads_memory)
         heads = ttnn.experimental.nlp_concat_heads_decode(scores, num_heads=self.num_heads)
         return ttnn.sharded_to_interleaved(self.wo(heads), ACTIVATIONS_MEMORY)
+
+    def prefill(self, x: ttnn.Tensor, step: PrefillInputs) -> ttnn.Tensor:
+        """``x`` is ``[1, 1, seq_len, hidden]`` in DRAM (``seq_len`` tile-padded); returns the same shape."""
+        seq_len = x.shape[-2]
+        q, k, v = ttnn.experimental.nlp_create_qkv_heads(
+            self.wqkv.prefill(x),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            transpose_k_heads=False,
+            memory_config=PREFILL_MEMORY,
+        )
+        rot = step.rotary
+        q = ttnn.experimental.rotary_embedding_llama(q, rot.cos, rot.sin, rot.trans_mat, is_decode_mode=False)
+        k = ttnn.experimental.rotary_embedding_llama(k, rot.cos, rot.sin, rot.trans_mat, is_decode_mode=False)
+        # paged_fill_cache copies tiles as they are (unlike paged_update_cache, it does not convert): K and V
+        # go to the cache's dtype first, and causal attention then reads them in that dtype as decode will.
+        if k.dtype != self.k_cache.dtype:
+            k, v = ttnn.typecast(k, self.k_cache.dtype), ttnn.typecast(v, self.v_cache.dtype)
+        for cache, new in ((self.k_cache, k), (self.v_cache, v)):
+            ttnn.experimental.paged_fill_cache(cache, new, step.fill_page_table, batch_idx=0)
+        program = self.spec.sdpa_prefill_program(seq_len, step.start)
+        if step.start == 0:
+            scores = ttnn.transformer.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                scale=self.scale,
+                program_config=program,
+                memory_config=PREFILL_MEMORY,
+            )
+        else:
+            scores = ttnn.transformer.chunked_scaled_dot_product_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                step.page_table,
+                step.start,
+                scale=self.scale,
+                program_config=program,
+                memory_config=PREFILL_MEMORY,
+            )
+        heads = ttnn.experimental.nlp_concat_heads(scores, memory_config=PREFILL_MEMORY)
+        return self.wo.prefill(heads)

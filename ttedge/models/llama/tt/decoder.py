@@ -5,9 +5,9 @@ from __future__ import annotations
 import ttnn
 
 from ttedge.config import ModelConfig
-from ttedge.models.llama.tt.attention import Attention, DecodeInputs
+from ttedge.models.llama.tt.attention import Attention, DecodeInputs, PrefillInputs
 from ttedge.models.llama.tt.mlp import MLP
-from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, DeviceSpec
+from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
 from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes
 
@@ -30,3 +30,9 @@ class DecoderLayer:
     def __call__(self, x: ttnn.Tensor, step: DecodeInputs) -> ttnn.Tensor:
         h = ttnn.add(x, self.attention(self.attn_norm(x), step), memory_config=ACTIVATIONS_MEMORY)
         return ttnn.add(h, self.mlp(self.mlp_norm(h)), memory_config=ACTIVATIONS_MEMORY)
+
+    def prefill(self, x: ttnn.Tensor, step: PrefillInputs) -> ttnn.Tensor:
+        h = ttnn.add(
+            x, self.attention.prefill(self.attn_norm(x, PREFILL_MEMORY), step), memory_config=PREFILL_MEMORY
+        )
+        return ttnn.add(h, self.mlp.prefill(self.mlp_norm(h, PREFILL_MEMORY)), memory_config=PREFILL_MEMORY)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import ttnn
 
-from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, BATCH
+from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY
 from ttedge.models.llama.tt.weights import device_weight
 
 
@@ -15,7 +15,10 @@ class Embedding:
         self.weight = device_weight(mesh, table, ttnn.bfloat16, ttnn.ROW_MAJOR_LAYOUT)
         self.hidden = table.shape[1]
 
-    def __call__(self, tokens: ttnn.Tensor) -> ttnn.Tensor:
-        """``[1, BATCH]`` uint32, row-major; returns the residual stream ``[1, 1, BATCH, hidden]``."""
-        x = ttnn.embedding(tokens, self.weight, layout=ttnn.TILE_LAYOUT, memory_config=ACTIVATIONS_MEMORY)
-        return ttnn.reshape(x, (1, 1, BATCH, self.hidden))
+    def __call__(
+        self, tokens: ttnn.Tensor, memory_config: ttnn.MemoryConfig = ACTIVATIONS_MEMORY
+    ) -> ttnn.Tensor:
+        """``[1, n]`` uint32, row-major (n = BATCH users in decode, the padded prompt in prefill); returns
+        the residual stream ``[1, 1, n, hidden]``, in L1 for decode (the default) or DRAM for prefill."""
+        x = ttnn.embedding(tokens, self.weight, layout=ttnn.TILE_LAYOUT, memory_config=memory_config)
+        return ttnn.reshape(x, (1, 1, tokens.shape[-1], self.hidden))

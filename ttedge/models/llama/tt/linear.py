@@ -1,9 +1,12 @@
-"""Decode projections as DRAM-sharded matmuls, tt_transformers' decode layout on one chip.
+"""Projections over DRAM-sharded weights, tt_transformers' layout on one chip.
 
 Decode multiplies 32 rows by a whole weight matrix: the time is reading the weight. Width-sharding it
 over every DRAM bank, each bank read by its nearest worker, uses all of the chip's DRAM bandwidth.
-The input must be L1 width-sharded over the grid the program config names; the output comes back
+The decode input must be L1 width-sharded over the grid the program config names; the output comes back
 L1 width-sharded on the DRAM readers' cores.
+
+Prefill multiplies a whole prompt by the same weight (one copy serves both modes, as in
+tt_transformers): a 2-D multicast matmul with DRAM interleaved activations in and out.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import numpy as np
 import ttnn
 
-from ttedge.models.llama.tt.model_config import DeviceSpec
+from ttedge.models.llama.tt.model_config import PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.weights import device_weight
 
 
 class DramShardedLinear:
     def __init__(self, mesh: ttnn.MeshDevice, spec: DeviceSpec, weight: np.ndarray, dtype: ttnn.DataType):
         k, n = weight.shape
+        self.spec, self.k, self.n = spec, k, n
         self.weight = device_weight(mesh, weight, dtype, memory_config=spec.dram_sharded_weight(k, n))
         self.input_memory = spec.width_sharded_input(k)
         self.program = spec.dram_matmul_program(k, n)
@@ -28,4 +32,13 @@ class DramShardedLinear:
             self.weight,
             program_config=self.program,
             memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
+        )
+
+    def prefill(self, x: ttnn.Tensor) -> ttnn.Tensor:
+        """``x`` is ``[1, 1, seq_len, k]`` in DRAM, ``seq_len`` a multiple of 32 up to MAX_PREFILL_TOKENS."""
+        return ttnn.linear(
+            x,
+            self.weight,
+            program_config=self.spec.prefill_matmul_program(x.shape[-2], self.k, self.n),
+            memory_config=PREFILL_MEMORY,
         )

@@ -1,11 +1,11 @@
-"""The gated MLP: ``w2(silu(w1 x) * w3 x)`` (tt_transformers' ``mlp.py``, decode, single chip)."""
+"""The gated MLP: ``w2(silu(w1 x) * w3 x)`` (tt_transformers' ``mlp.py``, decode and prefill, single chip)."""
 
 from __future__ import annotations
 
 import ttnn
 
 from ttedge.models.llama.tt.linear import DramShardedLinear
-from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, DeviceSpec
+from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes
 
 
@@ -25,3 +25,13 @@ class MLP:
             memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
         )
         return ttnn.sharded_to_interleaved(self.w2(gated), ACTIVATIONS_MEMORY)
+
+    def prefill(self, x: ttnn.Tensor) -> ttnn.Tensor:
+        """``x`` is ``[1, 1, seq_len, hidden]`` in DRAM; so are the gate, up and output."""
+        gated = ttnn.mul(
+            self.w1.prefill(x),
+            self.w3.prefill(x),
+            input_tensor_a_activations=[ttnn.UnaryOpType.SILU],
+            memory_config=PREFILL_MEMORY,
+        )
+        return self.w2.prefill(gated)

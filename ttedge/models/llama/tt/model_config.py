@@ -1,4 +1,4 @@
-"""Device facts and memory placements the decode port uses on Wormhole and Blackhole."""
+"""Device facts, memory placements and program configs of the port on Wormhole and Blackhole."""
 
 from __future__ import annotations
 
@@ -94,8 +94,57 @@ class DeviceSpec:
             fused_activation=None,
         )
 
+    def prefill_matmul_program(
+        self, seq_len: int, k: int, n: int
+    ) -> ttnn.MatmulMultiCoreReuseMultiCastProgramConfig:
+        """A 2-D multicast matmul of ``seq_len`` rows by a ``[k, n]`` weight, DRAM interleaved in and out
+        (tt_transformers' prefill configs): rows split over the grid's height, columns over its width, each
+        by the largest count of cores that divides its tiles, so every core gets whole, equal blocks."""
+        m_tiles, k_tiles, n_tiles = seq_len // TILE, k // TILE, math.ceil(n / TILE)
+        rows = _largest_divisor(m_tiles, self.grid_y)
+        cols = _largest_divisor(n_tiles, self.grid_x)
+        per_core_n = n_tiles // cols
+        return ttnn.MatmulMultiCoreReuseMultiCastProgramConfig(
+            compute_with_storage_grid_size=ttnn.CoreCoord(cols, rows),
+            # Up to 4 tiles of the inner dimension per step: larger steps only grow the circular buffers.
+            in0_block_w=_largest_divisor(k_tiles, 4),
+            out_subblock_h=1,
+            # A destination-register block holds at most 4 tiles (with fp32 accumulation off).
+            out_subblock_w=_largest_divisor(per_core_n, 4),
+            per_core_M=m_tiles // rows,
+            per_core_N=per_core_n,
+            transpose_mcast=False,
+            fused_activation=None,
+            fuse_batch=True,
+        )
+
+    def sdpa_prefill_program(self, seq_len: int, chunk_start: int) -> ttnn.SDPAProgramConfig:
+        """Prefill attention's program config over the whole worker grid. Q and K are processed in chunks
+        that must divide the (tile-padded) sequence and, for a chunk starting deeper into the cache, its
+        start too (the library's check; tt_transformers picks ``chunk_start & -chunk_start``). Longer
+        chunks pay off from 2048 tokens on (tt_transformers' empirical choice)."""
+        cap = 256 if seq_len >= 2048 else 64
+        chunk = TILE
+        while chunk * 2 <= cap and seq_len % (chunk * 2) == 0 and chunk_start % (chunk * 2) == 0:
+            chunk *= 2
+        return ttnn.SDPAProgramConfig(
+            compute_with_storage_grid_size=ttnn.CoreCoord(self.grid_x, self.grid_y),
+            q_chunk_size=chunk,
+            k_chunk_size=chunk,
+            exp_approx_mode=False,
+        )
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return next(d for d in range(min(n, cap), 0, -1) if n % d == 0)
+
 
 # Norm, embedding and LM head weights and KV caches live in DRAM interleaved (the projections are
 # DRAM-sharded, see linear.py); the decode residual stream (32 x hidden) is small enough for L1.
 WEIGHTS_MEMORY = ttnn.DRAM_MEMORY_CONFIG
 ACTIVATIONS_MEMORY = ttnn.L1_MEMORY_CONFIG
+# Prefill activations grow with the prompt (a 1024-token SmolLM2 QKV output alone is 1.9 MB): DRAM.
+PREFILL_MEMORY = ttnn.DRAM_MEMORY_CONFIG
+# The longest run of tokens one prefill forward takes; longer prompts go in chunks, each attending to the
+# cache the earlier ones filled. tt_transformers splits its prefill matmuls above 1024 rows too.
+MAX_PREFILL_TOKENS = 1024

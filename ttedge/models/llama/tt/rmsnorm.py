@@ -15,5 +15,6 @@ class RMSNorm:
         # ttnn's default epsilon is 1e-12, not the model's.
         self.eps = eps
 
-    def __call__(self, x: ttnn.Tensor) -> ttnn.Tensor:
-        return ttnn.rms_norm(x, epsilon=self.eps, weight=self.weight, memory_config=ACTIVATIONS_MEMORY)
+    def __call__(self, x: ttnn.Tensor, memory_config: ttnn.MemoryConfig = ACTIVATIONS_MEMORY) -> ttnn.Tensor:
+        """Decode rows stay in L1 (the default); prefill passes DRAM."""
+        return ttnn.rms_norm(x, epsilon=self.eps, weight=self.weight, memory_config=memory_config)

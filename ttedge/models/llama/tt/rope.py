@@ -1,4 +1,4 @@
-"""Rotary embedding set-up for ``rotary_embedding_llama`` in decode mode.
+"""Rotary embedding set-up for ``rotary_embedding_llama`` in decode and prefill mode.
 
 The kernel computes ``x * cos + (x @ T) * sin`` tile by tile, where ``T`` is a 32 x 32 matrix with
 ``T[2i, 2i+1] = 1`` and ``T[2i+1, 2i] = -1``: each adjacent pair ``(a, b)`` becomes ``(-b, a)``. So cos and
@@ -16,7 +16,7 @@ import numpy as np
 import ttnn
 
 from ttedge.config import ModelConfig
-from ttedge.models.llama.tt.model_config import BATCH, TILE, DeviceSpec
+from ttedge.models.llama.tt.model_config import BATCH, PREFILL_MEMORY, TILE, DeviceSpec
 from ttedge.models.llama.tt.weights import host_tensor
 
 
@@ -59,9 +59,13 @@ def transformation_matrix() -> np.ndarray:
 
 @dataclass(frozen=True)
 class RotaryInputs:
-    cos: ttnn.Tensor  # [1, BATCH, TILE, head_dim], one user per core
+    """Decode: cos/sin ``[1, BATCH, TILE, head_dim]`` one user per core; trans_mat
+    ``[1, 1, BATCH * TILE, TILE]``, one copy per core. Prefill: cos/sin ``[1, 1, seq_len, head_dim]`` (one
+    row per position, broadcast over heads) and one ``[1, 1, TILE, TILE]`` trans_mat, all DRAM interleaved."""
+
+    cos: ttnn.Tensor
     sin: ttnn.Tensor
-    trans_mat: ttnn.Tensor  # [1, 1, BATCH * TILE, TILE], one copy per core
+    trans_mat: ttnn.Tensor
 
 
 class RotarySetup:
@@ -80,6 +84,9 @@ class RotarySetup:
         self.trans_mat = host_tensor(trans[None, None], ttnn.bfloat16).to(
             mesh, spec.height_sharded((TILE, TILE))
         )
+        self.prefill_trans_mat = host_tensor(transformation_matrix()[None, None], ttnn.bfloat16).to(
+            mesh, PREFILL_MEMORY
+        )
 
     def for_positions(self, positions: np.ndarray) -> RotaryInputs:
         cos, sin = interleaved_cos_sin(self.inv_freq, positions)
@@ -90,3 +97,13 @@ class RotarySetup:
             return host_tensor(rows, ttnn.bfloat16).to(self.mesh, self.cos_sin_memory)
 
         return RotaryInputs(cos=per_user(cos), sin=per_user(sin), trans_mat=self.trans_mat)
+
+    def for_prefill(self, start: int, seq_len: int) -> RotaryInputs:
+        """cos/sin of positions ``start .. start + seq_len - 1`` (padding rows included: they rotate
+        padding tokens, which nothing reads)."""
+        cos, sin = interleaved_cos_sin(self.inv_freq, np.arange(start, start + seq_len))
+
+        def table(rows: np.ndarray) -> ttnn.Tensor:
+            return host_tensor(rows[None, None], ttnn.bfloat16).to(self.mesh, PREFILL_MEMORY)
+
+        return RotaryInputs(cos=table(cos), sin=table(sin), trans_mat=self.prefill_trans_mat)

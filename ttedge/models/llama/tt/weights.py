@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import ttnn
 
-from ttedge.config import ModelConfig
+from ttedge.config import ConfigError, ModelConfig
 from ttedge.model_zoo import PrecisionPreset
 from ttedge.models.llama.tt.model_config import TILE, WEIGHTS_MEMORY
 
@@ -98,14 +98,16 @@ def _norm_rows(w: np.ndarray) -> np.ndarray:
 
 
 def check_config(config: ModelConfig) -> None:
-    """Refuse shapes the decode kernels cannot tile, before any weight is touched."""
+    """Refuse shapes the kernels cannot tile, before any weight is touched (a ``ConfigError``: the CLI
+    reports it as one line)."""
     if config.hidden_size % TILE or config.head_dim % TILE:
-        raise ValueError(
-            f"{config.name}: hidden size {config.hidden_size} and head dim {config.head_dim} must be "
-            f"multiples of {TILE} for the TT decode port"
+        raise ConfigError(
+            config.name,
+            f"hidden size {config.hidden_size} and head dim {config.head_dim} must be multiples of {TILE} "
+            "for the TT port",
         )
     if config.num_heads % config.num_kv_heads:
-        raise ValueError(f"{config.name}: {config.num_heads} heads do not group over {config.num_kv_heads}")
+        raise ConfigError(config.name, f"{config.num_heads} heads do not group over {config.num_kv_heads}")
 
 
 def prepare_layer(config: ModelConfig, tensors: Mapping[str, np.ndarray], index: int) -> HostLayer:

@@ -1,0 +1,201 @@
+"""The TT backend's host side (ttedge.runtime.tt_host), which needs neither ttnn nor a card: block tables
+as device page tables, the plan of a step (batched decodes, prefill chunks), logits collection, KV
+budget, and the checks that make `--device tt` fail with one clear line where it cannot run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures.tiny_checkpoints import tiny_config
+from ttedge.cli import main
+from ttedge.runtime import kv_cache, tt_host
+from ttedge.runtime.base import DeviceUnavailable, StepInput
+from ttedge.runtime.tt_host import (
+    DECODE_BATCH,
+    DecodeStep,
+    DecodeToken,
+    LogitsRows,
+    PageTables,
+    PrefillChunk,
+    check_tt_device,
+    kv_cache_blocks,
+    plan_steps,
+)
+
+
+def test_block_size_agrees_with_the_kv_cache() -> None:
+    assert tt_host.BLOCK_TOKENS == kv_cache.BLOCK_SIZE
+
+
+def test_page_table_rows_pad_with_the_scratch_block() -> None:
+    pages = PageTables(num_blocks=10, blocks_per_user=4)
+    assert pages.scratch == 10 and pages.device_blocks == 11
+    row = pages.row([7, 2])
+    assert row.dtype == np.int32 and row.tolist() == [7, 2, 10, 10]
+    assert pages.row([]).tolist() == [10] * 4
+    with pytest.raises(ValueError, match="exceeds the 4 a sequence may hold"):
+        pages.row([0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"outside 0\.\.9"):
+        pages.row([3, 10])  # the scratch block is no sequence's
+    with pytest.raises(ValueError, match=r"outside 0\.\.9"):
+        pages.row([-1])
+
+
+def test_decode_batch_fills_slots_in_order_and_pads_the_rest() -> None:
+    pages = PageTables(num_blocks=10, blocks_per_user=3)
+    tokens = [DecodeToken(0, 5, 40, [4, 1], True), DecodeToken(1, 9, 3, [8], True)]
+    batch = pages.decode_batch(tokens)
+    assert batch.tokens.dtype == np.uint32 and batch.tokens.shape == (DECODE_BATCH,)
+    assert batch.tokens[:3].tolist() == [5, 9, 0]
+    assert batch.positions.dtype == np.int32 and batch.positions[:3].tolist() == [40, 3, 0]
+    assert batch.page_table.shape == (DECODE_BATCH, 3)
+    assert batch.page_table[:2].tolist() == [[4, 1, 10], [8, 10, 10]]
+    # Padded slots write position 0 of the scratch block, which no sequence reads.
+    assert (batch.page_table[2:] == 10).all() and (batch.positions[2:] == 0).all()
+    with pytest.raises(ValueError, match="1 to 32 users"):
+        pages.decode_batch([tokens[0]] * 33)
+
+
+def test_single_tokens_batch_into_decode_steps_of_32() -> None:
+    inputs = [StepInput([i], 20 + i % 10, [i]) for i in range(40)]
+    steps = plan_steps(inputs)
+    assert [type(s) for s in steps] == [DecodeStep, DecodeStep]
+    assert [len(s.tokens) for s in steps if isinstance(s, DecodeStep)] == [32, 8]
+    first = steps[0]
+    assert isinstance(first, DecodeStep)
+    assert [(t.input_index, t.token, t.position, t.keep_logits) for t in first.tokens[:2]] == [
+        (0, 0, 20, True),
+        (1, 1, 21, True),
+    ]
+
+
+def test_a_prompt_from_a_block_boundary_is_one_prefill() -> None:
+    [chunk] = plan_steps([StepInput(list(range(40)), 0, [3, 4])])
+    assert chunk == PrefillChunk(0, list(range(40)), 0, [3, 4], keep_logits=True, all_rows=False)
+
+
+def test_long_prompts_go_in_chunks_that_keep_only_the_last_logits() -> None:
+    steps = plan_steps([StepInput(list(range(2500)), 0, list(range(79)))], max_prefill_tokens=1024)
+    assert [(s.start, len(s.tokens), s.keep_logits) for s in steps if isinstance(s, PrefillChunk)] == [
+        (0, 1024, False),
+        (1024, 1024, False),
+        (2048, 452, True),
+    ]
+
+
+def test_tokens_before_the_next_block_boundary_go_through_decode() -> None:
+    """Prefill fills whole blocks, so a run starting inside a block decodes up to the boundary first."""
+    steps = plan_steps([StepInput(list(range(30)), 40, [1, 2, 3])])
+    decodes = [s for s in steps if isinstance(s, DecodeStep)]
+    assert [len(s.tokens) for s in decodes] == [1] * 24
+    assert [s.tokens[0].position for s in decodes] == list(range(40, 64))
+    assert not any(s.tokens[0].keep_logits for s in decodes)
+    assert steps[-1] == PrefillChunk(0, list(range(24, 30)), 64, [1, 2, 3], keep_logits=True, all_rows=False)
+    # Ending before the boundary: decode only, the last token's logits kept.
+    steps = plan_steps([StepInput([7, 8, 9], 33, [1, 2])])
+    assert [(s.tokens[0].position, s.tokens[0].keep_logits) for s in steps if isinstance(s, DecodeStep)] == [
+        (33, False),
+        (34, False),
+        (35, True),
+    ]
+
+
+def test_verification_keeps_every_position() -> None:
+    steps = plan_steps([StepInput([1, 2, 3, 4], 62, [0, 1, 2], all_logits=True)])
+    assert [(s.tokens[0].position, s.tokens[0].keep_logits) for s in steps if isinstance(s, DecodeStep)] == [
+        (62, True),
+        (63, True),
+    ]
+    assert steps[-1] == PrefillChunk(0, [3, 4], 64, [0, 1, 2], keep_logits=True, all_rows=True)
+
+
+def test_each_sequence_keeps_its_order_while_others_batch_with_it() -> None:
+    """A decode of sequence 1 rides in the same step as the first head token of sequence 0, whose prefill
+    chunk waits until its head is done."""
+    inputs = [StepInput(list(range(34)), 30, [0, 1, 2]), StepInput([5], 7, [4])]
+    steps = plan_steps(inputs)
+    assert isinstance(steps[0], DecodeStep)
+    assert [(t.input_index, t.position) for t in steps[0].tokens] == [(0, 30), (1, 7)]
+    assert isinstance(steps[1], DecodeStep) and [(t.input_index, t.position) for t in steps[1].tokens] == [
+        (0, 31)
+    ]
+    assert isinstance(steps[2], PrefillChunk) and (steps[2].start, len(steps[2].tokens)) == (32, 32)
+    assert len(steps) == 3
+
+
+def test_plan_refuses_tables_too_short_for_the_tokens() -> None:
+    with pytest.raises(ValueError, match="cannot hold 40 tokens"):
+        plan_steps([StepInput(list(range(40)), 0, [3])])
+    with pytest.raises(ValueError, match="has no tokens"):
+        plan_steps([StepInput([], 0, [3])])
+
+
+def test_logits_rows_stack_per_input_and_check_their_count() -> None:
+    inputs = [StepInput([1, 2, 3], 0, [0], all_logits=True), StepInput([4], 3, [1])]
+    rows = LogitsRows(inputs)
+    rows.add(0, np.zeros((2, 5), np.float32))
+    rows.add(1, np.ones((1, 5), np.float32))
+    rows.add(0, np.full((1, 5), 2.0, np.float32))
+    first, second = rows.results()
+    assert first.shape == (3, 5) and first[2, 0] == 2.0 and second.tolist() == [[1.0] * 5]
+    incomplete = LogitsRows(inputs)
+    incomplete.add(0, np.zeros((3, 5), np.float32))
+    incomplete.add(1, np.zeros((2, 5), np.float32))
+    with pytest.raises(AssertionError, match="input 1 got 2 logits rows, expected 1"):
+        incomplete.results()
+    with pytest.raises(AssertionError, match="input 0 got 0 logits rows, expected 3"):
+        LogitsRows(inputs).results()
+
+
+def test_kv_cache_blocks_follow_the_kv_dtype() -> None:
+    config = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)  # head_dim 32
+    # One block: K and V, 2 layers, 2 KV heads, one 32 x 32 tile each.
+    assert kv_cache_blocks(config, "bfloat16", 8 * 2048 * 11) == 10
+    assert kv_cache_blocks(config, "bfloat8_b", 8 * 1088 * 11) == 10
+    with pytest.raises(ValueError, match="holds no block"):
+        kv_cache_blocks(config, "bfloat16", 8 * 2048)
+
+
+def test_tt_device_needs_ttnn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tt_host, "_ttnn_installed", lambda: False)
+    with pytest.raises(DeviceUnavailable, match=r"needs the ttnn package \(pip install 'ttedge\[tt\]'"):
+        check_tt_device()
+
+
+def test_tt_device_needs_a_card(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tt_host, "_ttnn_installed", lambda: True)
+    monkeypatch.delenv(tt_host.MOCK_CLUSTER_VARIABLE, raising=False)
+    with pytest.raises(DeviceUnavailable, match="no Tenstorrent device found"):
+        check_tt_device(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeviceUnavailable, match="no Tenstorrent device found"):
+        check_tt_device(tmp_path / "empty")
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "0").touch()
+    check_tt_device(tmp_path / "card")
+    # The TT validation tier's mock cluster stands in for a card.
+    monkeypatch.setenv(tt_host.MOCK_CLUSTER_VARIABLE, "mock.yaml")
+    check_tt_device(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["serve"]])
+@pytest.mark.parametrize("installed", [False, True])
+def test_cli_device_tt_fails_with_one_line_where_it_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    command: list[str],
+    installed: bool,
+) -> None:
+    monkeypatch.setattr(tt_host, "_ttnn_installed", lambda: installed)
+    monkeypatch.delenv(tt_host.MOCK_CLUSTER_VARIABLE, raising=False)
+    monkeypatch.setattr(tt_host, "DEVICE_DIR", tmp_path / "no-cards")
+    assert main([*command, "--device", "tt"]) == 2
+    captured = capsys.readouterr()
+    expected = "needs the ttnn package" if not installed else "no Tenstorrent device found"
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("ttedge: error: --device tt")
+    assert expected in captured.err
