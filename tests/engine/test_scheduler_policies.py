@@ -249,6 +249,33 @@ def test_length_aware_preempts_the_longest_predicted_remaining_not_the_newest():
     assert scheduler.running == [new_short]
 
 
+def test_a_victim_scheduled_earlier_in_the_step_loses_its_chunk():
+    """The victim (longest predicted remaining) comes first in running order, so its chunk was already
+    planned when the later sequence needed its memory: the step must not run it on freed blocks."""
+    clock = Clock()
+    scheduler = Scheduler(
+        SchedulerConfig(policy="length-aware", max_wait_s=100.0), BlockAllocator(6), preset, clock=clock
+    )
+    old_long = make_seq("old-long", 0.0, prompt_len=30, predicted=2)
+    # One token longer, so it crosses each block boundary a step before the victim does.
+    new_short = make_seq("new-short", 1.0, prompt_len=31, predicted=2)
+    scheduler.add(old_long)
+    scheduler.add(new_short)
+    clock.now = 1.0
+    step(scheduler, {"old-long": 1000, "new-short": 1000})
+    old_long.predicted_output_len, new_short.predicted_output_len = 500, 40
+    while not scheduler.num_preemptions:
+        chunks = scheduler.schedule()
+        for chunk in chunks:
+            seq = chunk.seq
+            assert seq.status is SequenceStatus.RUNNING
+            assert len(seq.block_table) * BLOCK_SIZE >= seq.num_computed + chunk.num_tokens
+            seq.num_computed += chunk.num_tokens
+            if chunk.completes_sequence:
+                seq.output_ids.append(7)
+    assert old_long.num_preemptions == 1 and old_long.num_computed == 0
+
+
 def test_fcfs_preempts_the_newest():
     allocator = BlockAllocator(6)
     scheduler = Scheduler(SchedulerConfig(policy="fcfs"), allocator, preset, clock=Clock())

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs
+from ttedge.collab.speculative import SpeculativeConfig, verify
+from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
 from ttedge.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from ttedge.engine.sequence import FinishReason, Sequence, SequenceStatus, TextStream
 from ttedge.runtime.base import ModelRunner, StepInput
-from ttedge.runtime.kv_cache import BLOCK_SIZE
+from ttedge.runtime.kv_cache import BLOCK_SIZE, OutOfBlocks
 
 
 class RequestRejected(ValueError):
@@ -41,6 +42,9 @@ class EngineStats:
     num_running: int
     kv_blocks_used: int
     kv_blocks_total: int
+    # Speculative decoding since start: draft tokens verified, and how many of them were accepted.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 class Engine:
@@ -51,6 +55,7 @@ class Engine:
         eos_token_ids: tuple[int, ...],
         scheduler_config: SchedulerConfig | None = None,
         max_queue_len: int | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.runner = runner
         self.text_stream_factory = text_stream_factory
@@ -60,6 +65,8 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         # Requests allowed to wait beyond a full batch; None = unbounded (offline use).
         self.max_queue_len = max_queue_len
+        self.speculative = speculative
+        self.num_draft_tokens = self.num_accepted_draft_tokens = 0
         self._ids = itertools.count()
 
     def add_request(
@@ -117,6 +124,8 @@ class Engine:
             num_running=len(self.scheduler.running),
             kv_blocks_used=allocator.num_blocks - allocator.num_free,
             kv_blocks_total=allocator.num_blocks,
+            draft_tokens=self.num_draft_tokens,
+            accepted_draft_tokens=self.num_accepted_draft_tokens,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -126,19 +135,27 @@ class Engine:
         """Run one scheduled step: forward, sample where a sequence is complete, append."""
         if not chunks:
             return []
+        drafts = [self._draft(c) for c in chunks]
         inputs = [
             StepInput(
-                token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens),
+                token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens) + d,
                 start=c.seq.num_computed,
                 block_table=c.seq.block_table,
+                all_logits=bool(d),
             )
-            for c in chunks
+            for c, d in zip(chunks, drafts, strict=True)
         ]
         logits = self.runner.run(inputs)
-        sampling = [(c.seq, row) for c, row in zip(chunks, logits, strict=True) if c.completes_sequence]
-        for chunk in chunks:
-            chunk.seq.num_computed += chunk.num_tokens
+        sampling = []
         outputs: list[RequestOutput] = []
+        for chunk, rows, draft in zip(chunks, logits, drafts, strict=True):
+            if not chunk.completes_sequence:
+                chunk.seq.num_computed += chunk.num_tokens
+            elif draft:
+                outputs.append(self._verify(chunk, rows, draft))
+            else:
+                chunk.seq.num_computed += chunk.num_tokens
+                sampling.append((chunk.seq, rows))
         if sampling:
             result = self.sampler.sample(
                 torch.cat([row for _, row in sampling]),
@@ -146,21 +163,64 @@ class Engine:
                 [seq.generator for seq, _ in sampling],
             )
             for (seq, _), token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
-                outputs.append(self._append(seq, token, logprob))
+                outputs.append(self._append(seq, [token], [logprob]))
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprobs | None) -> RequestOutput:
-        seq.output_ids.append(token)
-        seq.output_logprobs.append(logprob)
+    def _draft(self, chunk: ScheduledChunk) -> list[int]:
+        """Draft tokens to verify after a decoding sequence's last token, with KV slots for them; none
+        for prefill chunks, near the sequence's limits, or when the slots are not free (drafting never
+        preempts anyone)."""
+        seq = chunk.seq
+        if self.speculative is None or chunk.num_tokens != 1 or not chunk.completes_sequence:
+            return []
+        # Every accepted draft plus the big model's own token must fit the request and the context.
+        room = min(
+            seq.params.max_tokens - len(seq.output_ids),
+            self.runner.max_model_len - seq.num_tokens,
+        )
+        wanted = min(self.speculative.num_draft_tokens, room - 1)
+        if wanted <= 0:
+            return []
+        draft = self.speculative.drafter.propose(seq.prompt_ids + seq.output_ids, wanted)[:wanted]
+        if draft:
+            try:
+                self.runner.allocator.grow_table(seq.block_table, seq.num_tokens + len(draft))
+            except OutOfBlocks:
+                return []
+        return draft
+
+    def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor, draft: list[int]) -> RequestOutput:
+        seq = chunk.seq
+        emitted = verify(logits, draft, seq.params, seq.generator)
+        accepted = len(emitted) - 1
+        self.num_draft_tokens += len(draft)
+        self.num_accepted_draft_tokens += accepted
+        # The last token and the accepted drafts are in the KV cache now; the slots of rejected drafts
+        # lie past the sequence's length, so attention never reads them, and later tokens overwrite them.
+        seq.num_computed += 1 + accepted
+        params = [seq.params] * len(emitted)
+        return self._append(seq, emitted, token_logprobs(logits[: len(emitted)], emitted, params))
+
+    def _append(
+        self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs | None]
+    ) -> RequestOutput:
+        """Append ``tokens`` in order, stopping at the first that finishes the sequence."""
         params = seq.params
         reason: FinishReason | None = None
-        is_eos = not params.ignore_eos and token in self.eos_token_ids
-        if is_eos or token in params.stop_token_ids or seq.append_text(seq.text_stream.add(token)):
-            reason = FinishReason.STOP
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.runner.max_model_len:
-            reason = FinishReason.LENGTH
-            # A character cut in half by the length limit comes out as U+FFFD rather than vanishing.
-            seq.append_text(seq.text_stream.finish())
+        appended = 0
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            seq.output_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            appended += 1
+            is_eos = not params.ignore_eos and token in self.eos_token_ids
+            if is_eos or token in params.stop_token_ids or seq.append_text(seq.text_stream.add(token)):
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.runner.max_model_len:
+                reason = FinishReason.LENGTH
+                # A character cut in half by the length limit comes out as U+FFFD rather than vanishing.
+                seq.append_text(seq.text_stream.finish())
+            if reason is not None:
+                break
         if reason is not None:
             self.scheduler.remove(seq)
             seq.status = SequenceStatus.FINISHED
@@ -168,9 +228,9 @@ class Engine:
             del self.sequences[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,
-            new_token_ids=[token],
+            new_token_ids=tokens[:appended],
             new_text=seq.take_new_text(),
-            new_logprobs=[logprob],
+            new_logprobs=logprobs[:appended],
             finished=reason is not None,
             finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_ids),

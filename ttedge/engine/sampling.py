@@ -81,46 +81,54 @@ class Sampler:
             tokens[index] = logits[index].argmax(dim=-1)
         if sampled_rows:
             index = torch.tensor(sampled_rows)
-            probs = self._filtered_probs(logits[index], [params[i] for i in sampled_rows])
+            probs = filtered_probs(logits[index], [params[i] for i in sampled_rows])
             for slot, row in enumerate(sampled_rows):
                 tokens[row] = _draw(probs[slot], generators[row])
 
         token_list = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * num_rows
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if wanted:
-            # Reported log-probabilities are those of the model's own distribution, before
-            # temperature and filtering, as OpenAI's API reports them.
-            log_softmax = torch.log_softmax(logits[torch.tensor(wanted)], dim=-1)
-            for slot, row in enumerate(wanted):
-                count = params[row].logprobs or 0
-                top: list[tuple[int, float]] = []
-                if count:
-                    values, ids = log_softmax[slot].topk(count)
-                    top = list(zip(ids.tolist(), values.tolist(), strict=True))
-                logprobs[row] = TokenLogprobs(float(log_softmax[slot, token_list[row]]), top)
-        return SampleResult(token_list, logprobs)
+        return SampleResult(token_list, token_logprobs(logits, token_list, params))
 
-    @staticmethod
-    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
-        scaled = logits / temperatures[:, None]
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            sorted_logits, order = scaled.sort(dim=-1, descending=True)
-            vocab = logits.shape[-1]
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
-            ranks = torch.arange(vocab)[None, :]
-            drop = ranks >= top_k[:, None]
-            top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
-            # before it already does. The first token always survives, even a top_p that rounds
-            # to 0 in float32.
-            drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
-            drop[:, 0] = False
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
-        return scaled.softmax(dim=-1)
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: list[int], params: list[SamplingParams]
+) -> list[TokenLogprobs | None]:
+    """Per row, the chosen token's log-probability and the top alternatives, for rows that ask."""
+    logprobs: list[TokenLogprobs | None] = [None] * len(token_ids)
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if wanted:
+        # Reported log-probabilities are those of the model's own distribution, before
+        # temperature and filtering, as OpenAI's API reports them.
+        log_softmax = torch.log_softmax(logits[torch.tensor(wanted)], dim=-1)
+        for slot, row in enumerate(wanted):
+            count = params[row].logprobs or 0
+            top: list[tuple[int, float]] = []
+            if count:
+                values, ids = log_softmax[slot].topk(count)
+                top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            logprobs[row] = TokenLogprobs(float(log_softmax[slot, token_ids[row]]), top)
+    return logprobs
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's sampling distribution: temperature, then top-k and top-p filtering."""
+    temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    scaled = logits / temperatures[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+        ranks = torch.arange(vocab)[None, :]
+        drop = ranks >= top_k[:, None]
+        top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+        # before it already does. The first token always survives, even a top_p that rounds
+        # to 0 in float32.
+        drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
+    return scaled.softmax(dim=-1)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -117,6 +117,11 @@ class Scheduler:
                 continue
             chunks.append(ScheduledChunk(seq, wanted))
             budget -= wanted
+        # A policy may pick a victim that already has a chunk in this step (length-aware preempts the
+        # longest remaining response, wherever it stands); its chunk goes with it.
+        if any(c.seq.status is not SequenceStatus.RUNNING for c in chunks):
+            chunks = [c for c in chunks if c.seq.status is SequenceStatus.RUNNING]
+            budget = self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)
 
         if not self.waiting or budget == 0 or len(self.running) >= self.config.max_num_seqs:
             return chunks

@@ -1,0 +1,70 @@
+"""Lossless speculative decoding: the big model checks a drafter's guesses in one forward.
+
+A sequence in decode feeds its last token and ``k`` draft tokens; the big model returns logits for all
+``k + 1`` positions at once, where plain decoding would need ``k + 1`` steps. Verification keeps the
+longest prefix of the drafts the big model agrees with and adds one token of its own, so every step
+yields between 1 and ``k + 1`` tokens.
+
+- Greedy: a draft is accepted while it equals the big model's argmax at its position; the output is
+  the big model's greedy output token for token.
+- Sampling: rejection sampling (Leviathan et al., Chen et al.). With a deterministic drafter, whose
+  distribution ``q`` is one-hot on the draft ``d``, draft ``d`` is accepted with probability
+  ``min(1, p(d) / q(d)) = p(d)``; on rejection the token is drawn from ``(p - q)+`` normalised, which
+  is ``p`` with ``d`` removed. Each emitted token is then distributed exactly as ``p``, the big model's
+  filtered distribution (temperature, top-k, top-p), whatever the drafts were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ttedge.collab.drafters import Drafter
+from ttedge.engine.sampling import SamplingParams, filtered_probs
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    drafter: Drafter
+    num_draft_tokens: int = 4  # k: drafts verified per sequence and step
+
+    def __post_init__(self) -> None:
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be at least 1, got {self.num_draft_tokens}")
+        if not self.drafter.deterministic:
+            # Rejection sampling below assumes q is one-hot on the draft.
+            raise ValueError(
+                f"drafter {self.drafter.name!r} samples its drafts; it needs q-aware verification"
+            )
+
+
+def verify(
+    logits: torch.Tensor,
+    drafts: list[int],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> list[int]:
+    """The tokens a sequence emits this step, given the big model's ``logits`` ``[len(drafts) + 1, vocab]``
+    at the positions of its last token and each draft: the accepted drafts, then one token of the big
+    model's (a correction where a draft was rejected, or a bonus token after all of them)."""
+    if logits.shape[0] != len(drafts) + 1:
+        raise ValueError(f"{len(drafts)} drafts need {len(drafts) + 1} rows of logits, got {logits.shape[0]}")
+    if params.greedy:
+        targets = logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+            accepted += 1
+        return [*drafts[:accepted], targets[accepted]]
+    probs = filtered_probs(logits, [params] * logits.shape[0])
+    emitted: list[int] = []
+    for position, draft in enumerate(drafts):
+        if float(torch.rand((), generator=generator)) < float(probs[position, draft]):
+            emitted.append(draft)
+            continue
+        residual = probs[position].clone()
+        residual[draft] = 0.0
+        emitted.append(int(torch.multinomial(residual, 1, generator=generator)))
+        return emitted
+    emitted.append(int(torch.multinomial(probs[-1], 1, generator=generator)))
+    return emitted
