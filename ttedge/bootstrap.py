@@ -16,7 +16,9 @@ import torch
 from ttedge import model_zoo
 from ttedge.checkpoint import Checkpoint, load_checkpoint
 from ttedge.checkpoint.discovery import resolve_model
-from ttedge.config import EngineSettings
+from ttedge.collab.drafters import DRAFTERS
+from ttedge.collab.speculative import SpeculativeConfig
+from ttedge.config import ConfigError, EngineSettings
 from ttedge.engine.engine import Engine
 from ttedge.engine.scheduler import SchedulerConfig
 from ttedge.models.llama.reference import LlamaModel
@@ -76,6 +78,20 @@ def close_tt_device(mesh: object) -> None:
     ttnn.close_device(mesh)
 
 
+def speculative_config(settings: EngineSettings) -> SpeculativeConfig | None:
+    if settings.speculative is None:
+        return None
+    drafter = DRAFTERS.get(settings.speculative)
+    if drafter is None:
+        known = ", ".join(DRAFTERS)
+        message = f"unknown drafter {settings.speculative!r}; choose from {known}"
+        raise ConfigError("speculative decoding", message)
+    try:
+        return SpeculativeConfig(drafter(), settings.num_draft_tokens)
+    except ValueError as err:
+        raise ConfigError("speculative decoding", str(err)) from None
+
+
 def load_engine(settings: EngineSettings) -> LoadedEngine:
     started = time.perf_counter()
     if settings.device == "tt":
@@ -94,5 +110,6 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
             settings.max_num_seqs, settings.max_num_batched_tokens, policy=settings.scheduling
         ),
         max_queue_len=settings.max_queue_len,
+        speculative=speculative_config(settings),
     )
     return LoadedEngine(engine, tokenizer, checkpoint, card, time.perf_counter() - started)

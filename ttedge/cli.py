@@ -10,6 +10,7 @@ import time
 
 from ttedge.checkpoint import CheckpointError
 from ttedge.checkpoint.discovery import ModelNotFoundError, discover_models
+from ttedge.collab.drafters import DRAFTERS
 from ttedge.config import DEVICES, ConfigError, EngineSettings, ServerSettings
 from ttedge.engine.engine import RequestRejected
 from ttedge.engine.policies import POLICY_NAMES
@@ -54,6 +55,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=EngineSettings.scheduling,
         help="who runs next: first come first served, or shortest predicted response first with aging",
     )
+    parser.add_argument(
+        "--speculative",
+        choices=sorted(DRAFTERS),
+        help="speculative decoding with this drafter; the big model verifies its drafts (default: off)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=EngineSettings.num_draft_tokens,
+        help="drafts verified per sequence and step (default: %(default)s)",
+    )
 
 
 def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSettings:
@@ -65,6 +77,8 @@ def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSett
         max_model_len=args.max_model_len,
         threads=args.threads,
         scheduling=args.scheduling,
+        speculative=args.speculative,
+        num_draft_tokens=args.num_draft_tokens,
         **overrides,  # type: ignore[arg-type]
     )
 

@@ -16,7 +16,7 @@ _HF_LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
 class ConfigError(ValueError):
-    """A model configuration that ttedge cannot run, with the source it came from."""
+    """A configuration that ttedge cannot run (a model's, or the engine's), with the source it came from."""
 
     def __init__(self, source: str, message: str):
         super().__init__(f"{source}: {message}")
@@ -242,6 +242,9 @@ class EngineSettings:
     threads: int | None = None  # torch intra-op threads; None = all cores
     max_queue_len: int | None = None  # requests that may wait beyond a full batch; None = no limit
     scheduling: str = "fcfs"  # scheduling policy: fcfs | length-aware (docs/scheduling.md)
+    # Drafter for speculative decoding (docs/speculative.md); None = plain decoding.
+    speculative: str | None = None
+    num_draft_tokens: int = 4
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,8 @@ def test_metrics_report_latencies_tokens_and_engine_state(server: LiveServer):
         "ttedge_requests_running",
         "ttedge_kv_cache_blocks_used",
         "ttedge_kv_cache_blocks_total",
+        "ttedge_spec_draft_tokens_total",
+        "ttedge_spec_accepted_tokens_total",
         "ttedge_prompt_tokens_total",
         "ttedge_generation_tokens_total",
         'ttedge_requests_finished_total{finish_reason="length"}',

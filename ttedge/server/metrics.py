@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ttedge.engine.engine import EngineStats
 from ttedge.server.async_engine import TimedOutput
@@ -110,4 +110,10 @@ class _EngineCollector:
         yield GaugeMetricFamily("ttedge_kv_cache_blocks_used", "KV cache blocks in use", stats.kv_blocks_used)
         yield GaugeMetricFamily(
             "ttedge_kv_cache_blocks_total", "KV cache blocks in all", stats.kv_blocks_total
+        )
+        yield CounterMetricFamily(
+            "ttedge_spec_draft_tokens", "Draft tokens verified by speculative decoding", stats.draft_tokens
+        )
+        yield CounterMetricFamily(
+            "ttedge_spec_accepted_tokens", "Draft tokens the big model accepted", stats.accepted_draft_tokens
         )
