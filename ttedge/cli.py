@@ -135,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ttedge.bootstrap import load_engine
-    from ttedge.server.serve import build_server
+    from ttedge.server.serve import build_server, run
 
     loaded = load_engine(engine_settings(args, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue))
     settings = ServerSettings(
@@ -150,7 +150,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ttedge: serving {model} at {url}/v1", flush=True)
 
     server = build_server(loaded, settings, ready, log_level="info" if args.verbose else "warning")
-    server.run()
+    if not run(server):
+        print("ttedge: error: the HTTP server did not start", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -99,3 +99,36 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_chat: Path)
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.communicate()
+
+
+def test_serve_steps_the_engine_on_the_thread_that_loaded_the_model(tiny_chat: Path) -> None:
+    """``serve.run`` lends its own thread to the engine (one OpenMP team for all torch work) and serves
+    HTTP from another; a signal to the process still drains and ends both."""
+    from tests.server.live import load_tiny
+    from ttedge.config import ServerSettings
+    from ttedge.server.serve import build_server, run
+
+    loaded = load_tiny(tiny_chat)
+    stepping_threads: set[threading.Thread] = set()
+    step = loaded.engine.step
+
+    def recording_step():  # type: ignore[no-untyped-def]
+        stepping_threads.add(threading.current_thread())
+        return step()
+
+    loaded.engine.step = recording_step  # type: ignore[method-assign]
+    answers: list[int] = []
+
+    def client(url: str) -> None:
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+        answers.append(response.status_code)
+        signal.raise_signal(signal.SIGTERM)
+
+    server = build_server(
+        loaded,
+        ServerSettings(host="127.0.0.1", port=0),
+        lambda url: threading.Thread(target=client, args=(url,)).start(),
+    )
+    assert run(server) is True
+    assert answers == [200]
+    assert stepping_threads == {threading.current_thread()}

@@ -4,6 +4,10 @@ Request handlers never touch the engine. They post adds and aborts to an inbox; 
 applies them between steps, so the engine stays single-threaded as it was written. Each request's
 outputs go back to the event loop that submitted it through ``loop.call_soon_threadsafe`` onto an
 ``asyncio.Queue``. When nothing is in flight the thread sleeps on a condition variable.
+
+The engine's thread is either its own (``start``) or one the caller lends it (``run_here``): ``ttedge
+serve`` lends the main thread, which loaded the model, so that every torch op runs on one thread (see
+``serve.run``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from ttedge.engine.engine import Engine, EngineStats, RequestOutput
 from ttedge.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# An idle engine loop still wakes this often. On the main thread (``run_here``) Python runs signal
+# handlers only between bytecodes, and a signal delivered to another thread does not interrupt a
+# blocked wait: without the wake-up, a SIGTERM to an idle server would wait for the next request.
+_IDLE_WAKE_SECONDS = 0.2
 
 
 class EngineFailure(RuntimeError):
@@ -109,6 +118,8 @@ class AsyncEngine:
         self._inbox: list[_Add | _Abort] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._loop_ended = threading.Event()  # set whenever the engine loop is not running
+        self._loop_ended.set()
         # Owned by the engine thread.
         self._active: dict[str, RequestStream] = {}
         # Set while nothing is in flight or posted; lets a drain wait without polling.
@@ -127,17 +138,32 @@ class AsyncEngine:
             return
         with self._cond:
             self._stopping = False
+        self._loop_ended.clear()
         # Daemon: a server that forgot to stop must not keep the interpreter alive at exit.
         self._thread = threading.Thread(target=self._run, name="ttedge-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Fail whatever is still in flight and end the engine thread (after the step it is in)."""
+    def run_here(self, on_started: Callable[[], None] = lambda: None) -> None:
+        """Run the engine loop on the calling thread until ``stop``; ``start`` is then a no-op.
+        ``on_started`` runs once the loop owns the thread (start the HTTP server there)."""
+        with self._cond:
+            self._stopping = False
+        self._loop_ended.clear()
+        self._thread = threading.current_thread()
+        on_started()
+        self._run()
+
+    def request_stop(self) -> None:
+        """Make the engine loop end after the step it is in, without waiting for it."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
+
+    def stop(self) -> None:
+        """Fail whatever is still in flight and end the engine loop (after the step it is in)."""
+        self.request_stop()
+        if self._thread is not threading.current_thread():
+            self._loop_ended.wait()
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises the engine's refusal
@@ -180,13 +206,15 @@ class AsyncEngine:
                 self._stopping = True
                 commands, self._inbox = self._inbox, []
             self._shut(commands, EngineFailure("the engine thread died"))
+        finally:
+            self._loop_ended.set()
 
     def _serve(self) -> None:
         while True:
             with self._cond:
                 while not (self._inbox or self._active or self._stopping):
                     self._idle.set()
-                    self._cond.wait()
+                    self._cond.wait(_IDLE_WAKE_SECONDS)
                 commands, self._inbox = self._inbox, []
                 stopping = self._stopping
             if stopping:
