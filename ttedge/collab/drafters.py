@@ -8,6 +8,7 @@ tokens it proposes, which is what lossless rejection sampling needs to know abou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -61,4 +62,5 @@ class PromptLookupDrafter:
         return []
 
 
-DRAFTERS: dict[str, type[PromptLookupDrafter]] = {PromptLookupDrafter.name: PromptLookupDrafter}
+# Drafters by the name `--speculative` takes, each built with its defaults.
+DRAFTERS: dict[str, Callable[[], Drafter]] = {PromptLookupDrafter.name: PromptLookupDrafter}
