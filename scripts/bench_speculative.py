@@ -72,10 +72,17 @@ class Run:
 
 
 def run(
-    loaded: LoadedEngine, prompts: list[list[int]], batch: int, num_draft_tokens: int, max_tokens: int
+    loaded: LoadedEngine,
+    prompts: list[list[int]],
+    batch: int,
+    num_draft_tokens: int,
+    max_tokens: int,
+    adaptive: bool = True,
 ) -> tuple[float, list[list[int]], Engine, int]:
     base = loaded.engine
-    speculative = SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens) if num_draft_tokens else None
+    speculative = None
+    if num_draft_tokens:
+        speculative = SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens, adaptive=adaptive)
     engine = Engine(
         base.runner,
         base.text_stream_factory,
@@ -106,6 +113,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--weights", default="auto")
     parser.add_argument("--model")
+    parser.add_argument("--fixed-k", action="store_true", help="verify k drafts every step, never fewer")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -130,7 +138,9 @@ def main() -> None:
                             tokens / max(plain_forwards, 1), True)  # fmt: skip
             results.append(plain_run)
             for k in args.draft_tokens:
-                seconds, outputs, engine, forwards = run(loaded, prompts, batch, k, args.max_tokens)
+                seconds, outputs, engine, forwards = run(
+                    loaded, prompts, batch, k, args.max_tokens, adaptive=not args.fixed_k
+                )
                 tokens = sum(map(len, outputs))
                 stats = engine.stats()
                 results.append(

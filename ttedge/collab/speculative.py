@@ -27,7 +27,9 @@ from ttedge.engine.sampling import SamplingParams, filtered_probs
 @dataclass(frozen=True)
 class SpeculativeConfig:
     drafter: Drafter
-    num_draft_tokens: int = 4  # k: drafts verified per sequence and step
+    num_draft_tokens: int = 4  # k: the most drafts verified per sequence and step
+    # Adapt each sequence's k to its acceptance (``next_draft_budget``); False = always k.
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
@@ -68,3 +70,14 @@ def verify(
         return emitted
     emitted.append(int(torch.multinomial(probs[-1], 1, generator=generator)))
     return emitted
+
+
+def next_draft_budget(budget: int, drafted: int, accepted: int, config: SpeculativeConfig) -> int:
+    """A sequence's draft budget after a verification, as Hugging Face's assisted generation adapts it:
+    two more after a fully accepted draft, one fewer after a rejection, between 1 and the configured k.
+    Verifying costs a row per draft for every sequence, so drafts a sequence keeps losing should shrink."""
+    if not config.adaptive:
+        return config.num_draft_tokens
+    if accepted == drafted:
+        return min(config.num_draft_tokens, budget + 2)
+    return max(1, budget - 1)

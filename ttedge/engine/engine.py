@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ttedge.collab.speculative import SpeculativeConfig, verify
+from ttedge.collab.speculative import SpeculativeConfig, next_draft_budget, verify
 from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
 from ttedge.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from ttedge.engine.sequence import FinishReason, Sequence, SequenceStatus, TextStream
@@ -178,7 +178,9 @@ class Engine:
             seq.params.max_tokens - len(seq.output_ids),
             self.runner.max_model_len - seq.num_tokens,
         )
-        wanted = min(self.speculative.num_draft_tokens, room - 1)
+        if seq.draft_budget is None:
+            seq.draft_budget = self.speculative.num_draft_tokens
+        wanted = min(seq.draft_budget, room - 1)
         if wanted <= 0:
             return []
         draft = self.speculative.drafter.propose(seq.prompt_ids + seq.output_ids, wanted)[:wanted]
@@ -195,6 +197,8 @@ class Engine:
         accepted = len(emitted) - 1
         self.num_draft_tokens += len(draft)
         self.num_accepted_draft_tokens += accepted
+        assert self.speculative is not None and seq.draft_budget is not None  # set when drafting
+        seq.draft_budget = next_draft_budget(seq.draft_budget, len(draft), accepted, self.speculative)
         # The last token and the accepted drafts are in the KV cache now; the slots of rejected drafts
         # lie past the sequence's length, so attention never reads them, and later tokens overwrite them.
         seq.num_computed += 1 + accepted

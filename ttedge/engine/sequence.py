@@ -54,6 +54,9 @@ class Sequence:
     # Response length (tokens) the scheduler's length predictor expects; None until predicted.
     predicted_output_len: int | None = None
     generator: torch.Generator | None = None
+    # Speculative decoding: drafts to verify at this sequence's next step (adapted to its acceptance);
+    # None until its first draft.
+    draft_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
