@@ -72,6 +72,6 @@ def test_draft_budget_grows_after_full_acceptance_and_shrinks_after_a_rejection(
     assert next_draft_budget(2, drafted=2, accepted=2, config=config) == 4
     assert next_draft_budget(5, drafted=5, accepted=5, config=config) == 6  # capped at k
     assert next_draft_budget(4, drafted=4, accepted=1, config=config) == 3
-    assert next_draft_budget(1, drafted=1, accepted=0, config=config) == 1  # never below one
+    assert next_draft_budget(1, drafted=1, accepted=0, config=config) == 0  # paused
     fixed = SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens=6, adaptive=False)
     assert next_draft_budget(1, drafted=1, accepted=0, config=fixed) == 6

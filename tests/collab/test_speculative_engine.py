@@ -31,15 +31,18 @@ def parts(tmp_path_factory):
     return LlamaModel.from_checkpoint(checkpoint), Tokenizer.from_checkpoint(checkpoint)
 
 
-def make_engine(parts, speculative: bool, num_blocks: int = 64, num_draft_tokens: int = 4) -> Engine:
+def make_engine(
+    parts, speculative: bool, num_blocks: int = 64, num_draft_tokens: int = 4, adaptive: bool = True
+) -> Engine:
     model, tokenizer = parts
     spec = KVCacheSpec(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, model.dtype)
+    config = SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens, adaptive) if speculative else None
     return Engine(
         CpuModelRunner(model, num_blocks * spec.bytes_per_block()),
         lambda prompt: tokenizer.detokenizer(prompt_ids=prompt),
         eos_token_ids=(2,),
         scheduler_config=SchedulerConfig(max_num_seqs=8),
-        speculative=SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens) if speculative else None,
+        speculative=config,
     )
 
 
@@ -103,3 +106,15 @@ def test_sampled_requests_are_reproducible_with_a_seed(parts):
     # Same seed, same engine configuration: the same draws, so the same text.
     assert [s.output_ids for s in first] == [s.output_ids for s in again]
     assert all(len(s.output_ids) == 30 for s in first)
+
+
+def test_adaptive_budget_verifies_fewer_rejected_drafts_for_the_same_output(parts, plain):
+    fixed = make_engine(parts, speculative=True, num_draft_tokens=8, adaptive=False)
+    adaptive = make_engine(parts, speculative=True, num_draft_tokens=8)
+    assert [s.output_ids for s in fixed.generate(PROMPTS, GREEDY)] == plain
+    assert [s.output_ids for s in adaptive.generate(PROMPTS, GREEDY)] == plain
+    stats = {e: e.stats() for e in (fixed, adaptive)}
+    rejected = {e: s.draft_tokens - s.accepted_draft_tokens for e, s in stats.items()}
+    rate = {e: s.accepted_draft_tokens / s.draft_tokens for e, s in stats.items()}
+    assert rejected[adaptive] < rejected[fixed]
+    assert rate[adaptive] > rate[fixed]

@@ -30,6 +30,8 @@ class SpeculativeConfig:
     num_draft_tokens: int = 4  # k: the most drafts verified per sequence and step
     # Adapt each sequence's k to its acceptance (``next_draft_budget``); False = always k.
     adaptive: bool = True
+    # Adaptive: a sequence whose single draft was rejected pauses drafting for this many decode steps.
+    pause_steps: int = 8
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
@@ -73,11 +75,12 @@ def verify(
 
 
 def next_draft_budget(budget: int, drafted: int, accepted: int, config: SpeculativeConfig) -> int:
-    """A sequence's draft budget after a verification, as Hugging Face's assisted generation adapts it:
-    two more after a fully accepted draft, one fewer after a rejection, between 1 and the configured k.
-    Verifying costs a row per draft for every sequence, so drafts a sequence keeps losing should shrink."""
+    """A sequence's draft budget after a verification, adapted as Hugging Face's assisted generation does:
+    two more after a fully accepted draft, one fewer after a rejection, at most the configured k. Unlike
+    there it reaches 0 (drafting paused, see ``pause_steps``): verifying costs a row per draft for every
+    sequence in the batch, so a sequence whose drafts keep failing should stop paying for them."""
     if not config.adaptive:
         return config.num_draft_tokens
     if accepted == drafted:
         return min(config.num_draft_tokens, budget + 2)
-    return max(1, budget - 1)
+    return max(0, budget - 1)

@@ -180,6 +180,11 @@ class Engine:
         )
         if seq.draft_budget is None:
             seq.draft_budget = self.speculative.num_draft_tokens
+        if seq.draft_budget == 0:
+            seq.steps_without_drafts += 1
+            if seq.steps_without_drafts < self.speculative.pause_steps:
+                return []
+            seq.draft_budget, seq.steps_without_drafts = 1, 0
         wanted = min(seq.draft_budget, room - 1)
         if wanted <= 0:
             return []

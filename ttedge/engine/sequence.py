@@ -54,9 +54,10 @@ class Sequence:
     # Response length (tokens) the scheduler's length predictor expects; None until predicted.
     predicted_output_len: int | None = None
     generator: torch.Generator | None = None
-    # Speculative decoding: drafts to verify at this sequence's next step (adapted to its acceptance);
-    # None until its first draft.
+    # Speculative decoding: drafts to verify at this sequence's next step (adapted to its acceptance;
+    # None until its first draft), and decode steps since drafting was paused (budget 0).
     draft_budget: int | None = None
+    steps_without_drafts: int = 0
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
