@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.tiny_checkpoints import random_state_dict, tiny_config, write_hf_checkpoint
-from ttedge.checkpoint import load_checkpoint
+from tests.fixtures.tiny_engine import tiny_engine, tiny_parts
 from ttedge.collab.drafters import PromptLookupDrafter
 from ttedge.collab.speculative import SpeculativeConfig
 from ttedge.engine.engine import Engine
 from ttedge.engine.sampling import SamplingParams
 from ttedge.engine.scheduler import SchedulerConfig
-from ttedge.models.llama.reference import LlamaModel
-from ttedge.runtime.cpu import CpuModelRunner
-from ttedge.runtime.kv_cache import KVCacheSpec
-from ttedge.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
 # Repetitive prompts give prompt lookup something to find; the others mostly get no drafts.
@@ -25,24 +20,15 @@ PROMPTS = [[5, 6, 7, 8] * 6, list(range(5, 55)), [9, 10, 11] * 5 + [12], list(ra
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    config = tiny_config(max_position_embeddings=256)
-    path = write_hf_checkpoint(tmp_path_factory.mktemp("tiny"), config, random_state_dict(config, seed=3))
-    checkpoint = load_checkpoint(path)
-    return LlamaModel.from_checkpoint(checkpoint), Tokenizer.from_checkpoint(checkpoint)
+    return tiny_parts(tmp_path_factory.mktemp("tiny"), seed=3)
 
 
 def make_engine(
     parts, speculative: bool, num_blocks: int = 64, num_draft_tokens: int = 4, adaptive: bool = True
 ) -> Engine:
-    model, tokenizer = parts
-    spec = KVCacheSpec(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, model.dtype)
     config = SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens, adaptive) if speculative else None
-    return Engine(
-        CpuModelRunner(model, num_blocks * spec.bytes_per_block()),
-        lambda prompt: tokenizer.detokenizer(prompt_ids=prompt),
-        eos_token_ids=(2,),
-        scheduler_config=SchedulerConfig(max_num_seqs=8),
-        speculative=config,
+    return tiny_engine(
+        parts, num_blocks, scheduler_config=SchedulerConfig(max_num_seqs=8), speculative=config
     )
 
 

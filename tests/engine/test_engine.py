@@ -8,38 +8,22 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.tiny_checkpoints import random_state_dict, tiny_config, write_hf_checkpoint
-from ttedge.checkpoint import load_checkpoint
+from tests.fixtures.tiny_engine import tiny_engine, tiny_parts
 from ttedge.engine.engine import Engine, RequestRejected
 from ttedge.engine.sampling import SamplingParams
 from ttedge.engine.scheduler import SchedulerConfig
 from ttedge.engine.sequence import FinishReason
-from ttedge.models.llama.reference import LlamaModel
-from ttedge.runtime.cpu import CpuModelRunner
-from ttedge.runtime.kv_cache import KVCacheSpec
-from ttedge.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    config = tiny_config(max_position_embeddings=256)
-    path = write_hf_checkpoint(tmp_path_factory.mktemp("tiny"), config, random_state_dict(config, seed=3))
-    checkpoint = load_checkpoint(path)
-    return LlamaModel.from_checkpoint(checkpoint), Tokenizer.from_checkpoint(checkpoint)
+    return tiny_parts(tmp_path_factory.mktemp("tiny"), seed=3)
 
 
 def make_engine(parts, num_blocks: int = 64, **scheduler) -> Engine:
-    model, tokenizer = parts
-    spec = KVCacheSpec(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, model.dtype)
-    runner = CpuModelRunner(model, num_blocks * spec.bytes_per_block())
-    return Engine(
-        runner,
-        lambda prompt: tokenizer.detokenizer(prompt_ids=prompt),
-        eos_token_ids=(2,),
-        scheduler_config=SchedulerConfig(**scheduler),
-    )
+    return tiny_engine(parts, num_blocks, scheduler_config=SchedulerConfig(**scheduler))
 
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 50, 17, 90, 1)]

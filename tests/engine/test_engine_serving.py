@@ -4,34 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.tiny_checkpoints import random_state_dict, tiny_config, write_hf_checkpoint
-from ttedge.checkpoint import load_checkpoint
+from tests.fixtures.tiny_engine import tiny_engine, tiny_parts
 from ttedge.engine.engine import Engine, EngineStats, QueueFull
 from ttedge.engine.sampling import SamplingParams
 from ttedge.engine.scheduler import SchedulerConfig
-from ttedge.models.llama.reference import LlamaModel
-from ttedge.runtime.cpu import CpuModelRunner
-from ttedge.runtime.kv_cache import KVCacheSpec
-from ttedge.tokenizer import Tokenizer
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    config = tiny_config(max_position_embeddings=256)
-    path = write_hf_checkpoint(tmp_path_factory.mktemp("tiny"), config, random_state_dict(config, seed=5))
-    checkpoint = load_checkpoint(path)
-    return LlamaModel.from_checkpoint(checkpoint), Tokenizer.from_checkpoint(checkpoint)
+    return tiny_parts(tmp_path_factory.mktemp("tiny"), seed=5)
 
 
 def make_engine(parts, num_blocks: int, **kwargs) -> Engine:
-    model, tokenizer = parts
-    spec = KVCacheSpec(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, model.dtype)
-    runner = CpuModelRunner(model, num_blocks * spec.bytes_per_block())
-    return Engine(
-        runner, lambda prompt: tokenizer.detokenizer(prompt_ids=prompt), eos_token_ids=(2,), **kwargs
-    )
+    return tiny_engine(parts, num_blocks, **kwargs)
 
 
 def test_queue_limit_counts_running_and_waiting_requests(parts):

@@ -6,17 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.fixtures.tiny_checkpoints import random_state_dict, tiny_config, write_hf_checkpoint
-from ttedge.checkpoint import load_checkpoint
-from ttedge.engine.engine import Engine
+from tests.fixtures.tiny_engine import tiny_engine, tiny_parts
 from ttedge.engine.length_predictor import LengthPredictor
 from ttedge.engine.sampling import SamplingParams
 from ttedge.engine.scheduler import SchedulerConfig
 from ttedge.engine.sequence import Sequence
-from ttedge.models.llama.reference import LlamaModel
-from ttedge.runtime.cpu import CpuModelRunner
-from ttedge.runtime.kv_cache import KVCacheSpec
-from ttedge.tokenizer import Tokenizer
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 50, 17, 90, 1, 33)]
 MAX_TOKENS = [40, 5, 30, 12, 40, 2]
@@ -24,10 +18,7 @@ MAX_TOKENS = [40, 5, 30, 12, 40, 2]
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    config = tiny_config(max_position_embeddings=256)
-    path = write_hf_checkpoint(tmp_path_factory.mktemp("tiny"), config, random_state_dict(config, seed=5))
-    checkpoint = load_checkpoint(path)
-    return LlamaModel.from_checkpoint(checkpoint), Tokenizer.from_checkpoint(checkpoint)
+    return tiny_parts(tmp_path_factory.mktemp("tiny"), seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +32,7 @@ def predictor_path(tmp_path_factory, parts):
 
 
 def run(parts, num_blocks: int, **scheduler) -> tuple[list[Sequence], list[str]]:
-    model, tokenizer = parts
-    spec = KVCacheSpec(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, model.dtype)
-    engine = Engine(
-        CpuModelRunner(model, num_blocks * spec.bytes_per_block()),
-        lambda prompt: tokenizer.detokenizer(prompt_ids=prompt),
-        eos_token_ids=(2,),
-        scheduler_config=SchedulerConfig(max_num_seqs=3, **scheduler),
-    )
+    engine = tiny_engine(parts, num_blocks, scheduler_config=SchedulerConfig(max_num_seqs=3, **scheduler))
     seqs = [
         engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
         for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)
