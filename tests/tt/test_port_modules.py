@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -25,9 +26,30 @@ from ttedge.models.llama.tt.mlp import MLP
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, BLOCK_TOKENS, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
 from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
-from ttedge.models.llama.tt.weights import WeightDtypes, host_tensor, pad_to_tile, prepare_model
+from ttedge.models.llama.tt.weights import (
+    HostModel,
+    WeightDtypes,
+    host_tensor,
+    pad_to_tile,
+    prepare_model,
+)
 
 CONFIGS = {"smollm2": SMOLLM2, "tiny": TINY}
+
+
+class OneLayer(NamedTuple):
+    mesh: ttnn.MeshDevice
+    spec: DeviceSpec
+    config: ModelConfig
+    host: HostModel
+    dtypes: WeightDtypes
+
+
+def one_layer(mesh: ttnn.MeshDevice, config: ModelConfig) -> OneLayer:
+    """``config`` cut to one decoder layer on ``mesh``, random weights prepared for the device."""
+    cut = dataclasses.replace(config, num_layers=1)
+    host = prepare_model(cut, random_weights(cut))
+    return OneLayer(mesh, DeviceSpec.of(mesh), config, host, WeightDtypes.from_preset(SMOLLM2_PRESET, 0))
 
 
 @pytest.mark.parametrize("board", ["n150", "p150"])
@@ -35,13 +57,8 @@ CONFIGS = {"smollm2": SMOLLM2, "tiny": TINY}
 def test_each_module_runs_one_decode_step(
     mock_device: Callable[[str | Path], ttnn.MeshDevice], board: str, name: str
 ) -> None:
-    config: ModelConfig = CONFIGS[name]
-    mesh = mock_device(board)
-    spec = DeviceSpec.of(mesh)
-    one_layer = dataclasses.replace(config, num_layers=1)
-    host = prepare_model(one_layer, random_weights(one_layer))
+    mesh, spec, config, host, dtypes = one_layer(mock_device(board), CONFIGS[name])
     layer = host.layers[0]
-    dtypes = WeightDtypes.from_preset(SMOLLM2_PRESET, 0)
     page_table, blocks = decode_page_table()
     positions = np.arange(BATCH, dtype=np.int32) * 3  # users at different depths, some past block 0
     step = DecodeInputs(
@@ -80,13 +97,8 @@ def test_each_module_runs_one_prefill_chunk(
 ) -> None:
     """A 40-token prompt padded to 64 rows: attention from the start (causal SDPA over the chunk) and a
     chunk at 64 over the cache (chunked SDPA through the page table), MLP and decoder layer, all in DRAM."""
-    config: ModelConfig = CONFIGS[name]
-    mesh = mock_device(board)
-    spec = DeviceSpec.of(mesh)
-    one_layer = dataclasses.replace(config, num_layers=1)
-    host = prepare_model(one_layer, random_weights(one_layer))
+    mesh, spec, config, host, dtypes = one_layer(mock_device(board), CONFIGS[name])
     layer = host.layers[0]
-    dtypes = WeightDtypes.from_preset(SMOLLM2_PRESET, 0)
     page_table, blocks = decode_page_table()
     rope = RotarySetup(mesh, spec, config, inverse_frequencies(config))
     rows = 64
