@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
 from ttedge.bootstrap import LoadedEngine, load_engine
 from ttedge.config import EngineSettings, ServerSettings
 from ttedge.server.app import Service
@@ -58,6 +60,14 @@ class LiveServer:
                 return time.monotonic() - started
             time.sleep(0.01)
         raise AssertionError(f"the engine is still busy after {timeout} s: {self.service.engine.stats}")
+
+
+def metric(server: LiveServer, sample: str) -> float:
+    """The value of one sample on ``/metrics`` (a name with its labels); 0 while it has not appeared."""
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def assert_error(body: dict, code: str, param: str | None = None) -> str:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.live import LiveServer, assert_error
+from tests.server.live import LiveServer, assert_error, metric
 
 MODEL = "tiny-chat"
 
@@ -168,7 +168,7 @@ def test_openai_client_raises_on_error_responses(client: openai.OpenAI):
 
 def test_client_disconnect_mid_stream_frees_the_sequence_at_once(server: LiveServer):
     server.wait_engine_idle()
-    aborted = _metric(server, 'ttedge_requests_finished_total{finish_reason="abort"}')
+    aborted = metric(server, 'ttedge_requests_finished_total{finish_reason="abort"}')
     body = {"prompt": "Long story", "max_tokens": 1900, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.api}/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
@@ -178,7 +178,7 @@ def test_client_disconnect_mid_stream_frees_the_sequence_at_once(server: LiveSer
         left = time.monotonic()
     # 1900 tokens take seconds; the sequence must be gone long before.
     assert server.wait_engine_idle(timeout=3.0) < 2.0, time.monotonic() - left
-    assert _metric(server, 'ttedge_requests_finished_total{finish_reason="abort"}') == aborted + 1
+    assert metric(server, 'ttedge_requests_finished_total{finish_reason="abort"}') == aborted + 1
 
 
 def test_client_giving_up_on_a_whole_response_frees_the_sequence(server: LiveServer):
@@ -235,8 +235,8 @@ def test_metrics_report_latencies_tokens_and_engine_state(server: LiveServer):
         'ttedge_requests_rejected_total{reason="invalid_value"}',
     ):
         assert name in text, name
-    assert _metric(server, "ttedge_generation_tokens_total") >= 3
-    assert _metric(server, "ttedge_kv_cache_blocks_total") == server.service.engine.stats.kv_blocks_total
+    assert metric(server, "ttedge_generation_tokens_total") >= 3
+    assert metric(server, "ttedge_kv_cache_blocks_total") == server.service.engine.stats.kv_blocks_total
 
 
 def test_openapi_schema_documents_the_limits(server: LiveServer):
@@ -249,10 +249,3 @@ def test_openapi_schema_documents_the_limits(server: LiveServer):
     assert fields["n"]["anyOf"][0]["maximum"] == 1
     responses = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"400", "401", "404", "413", "429", "503"} <= set(responses)
-
-
-def _metric(server: LiveServer, sample: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0

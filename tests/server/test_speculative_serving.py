@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.server.live import LiveServer, load_tiny
+from tests.server.live import LiveServer, load_tiny, metric
 
 # Token ids after which the tiny random model falls into loops that prompt lookup can draft.
 BODY = {"prompt": list(range(100, 110)), "max_tokens": 120, "temperature": 0, "ignore_eos": True}
@@ -23,13 +23,6 @@ def stream_text(server: LiveServer) -> str:
     return "".join(pieces)
 
 
-def counter(server: LiveServer, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} missing from /metrics")
-
-
 def test_speculative_server_streams_the_plain_text_and_counts_acceptances(tiny_chat: Path):
     with LiveServer(load_tiny(tiny_chat)) as plain:
         expected = httpx.post(f"{plain.api}/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
@@ -38,7 +31,7 @@ def test_speculative_server_streams_the_plain_text_and_counts_acceptances(tiny_c
         assert whole["choices"][0]["text"] == expected
         assert whole["usage"]["completion_tokens"] == 120
         assert stream_text(server) == expected
-        drafted = counter(server, "ttedge_spec_draft_tokens_total")
-        accepted = counter(server, "ttedge_spec_accepted_tokens_total")
+        drafted = metric(server, "ttedge_spec_draft_tokens_total")
+        accepted = metric(server, "ttedge_spec_accepted_tokens_total")
         assert 0 < accepted <= drafted
         server.wait_engine_idle()
