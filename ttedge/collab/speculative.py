@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ttedge.collab.drafters import Drafter
-from ttedge.engine.sampling import SamplingParams, filtered_probs
+from ttedge.engine.sampling import SamplingParams, draw, filtered_probs
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,9 @@ def verify(
             continue
         residual = probs[position].clone()
         residual[draft] = 0.0
-        emitted.append(int(torch.multinomial(residual, 1, generator=generator)))
+        emitted.append(draw(residual, generator))
         return emitted
-    emitted.append(int(torch.multinomial(probs[-1], 1, generator=generator)))
+    emitted.append(draw(probs[-1], generator))
     return emitted
 
 

@@ -83,7 +83,7 @@ class Sampler:
             index = torch.tensor(sampled_rows)
             probs = filtered_probs(logits[index], [params[i] for i in sampled_rows])
             for slot, row in enumerate(sampled_rows):
-                tokens[row] = _draw(probs[slot], generators[row])
+                tokens[row] = draw(probs[slot], generators[row])
 
         token_list = tokens.tolist()
         return SampleResult(token_list, token_logprobs(logits, token_list, params))
@@ -131,5 +131,6 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return scaled.softmax(dim=-1)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from ``probs`` [vocab] (weights, need not sum to 1) with ``generator``."""
     return int(torch.multinomial(probs, 1, generator=generator))
