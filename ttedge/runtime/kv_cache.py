@@ -77,7 +77,7 @@ class CpuKVCache:
     """Each layer's keys and values in one host tensor, ``[2, kv_heads, blocks, BLOCK_SIZE, head_dim]``.
 
     A block of one head is a contiguous 4 KB row (bfloat16, head_dim 64), so reading a batch's context
-    is a single ``index_select`` of whole rows for keys and values together, about 3x faster than
+    is a single ``index_select`` of whole rows for keys and values together, 3-5x faster than
     gathering token by token, and it yields ``[kv_heads, batch, tokens, head_dim]``, which attention
     takes after a free permute.
     """
