@@ -7,7 +7,8 @@ the matmul floor a format puts under the end-to-end speed.
 
 Formats are timed round-robin in one process so that load from other processes on the machine hits
 them alike, a few steps back to back per turn as a decode loop runs them; the reported time is the
-fastest step (the least disturbed one), the median is in the JSON. Also timed: converting a float32
+fastest step (the least disturbed one), the median is in the JSON. Also timed: each format's LM head
+alone (what ``auto``'s head threshold is chosen on), and converting a float32
 stream to bfloat16 and back around every projection, which is what a model pays per step if it
 keeps float32 activations with a bfloat16-activation format.
 
@@ -96,6 +97,8 @@ def main() -> None:
         for fmt, step in steps.items():
             inputs = inputs_for(step, rows, fmt.activation_dtype)
             jobs[fmt.value, rows] = lambda step=step, inputs=inputs: run(step, inputs)
+            # The LM head alone: the choice of its format (``build_lm_head``) is made on this row.
+            jobs[f"{fmt.value} LM head", rows] = lambda step=step, inputs=inputs: run(step[-1:], inputs[-1:])
         jobs["convert f32<->bf16", rows] = conversions(steps[formats[0]], rows)
 
     with torch.inference_mode():
@@ -111,7 +114,7 @@ def main() -> None:
                     job()
                     times[key].append(time.perf_counter() - start)
 
-    names = [*(f.value for f in formats), "convert f32<->bf16"]
+    names = [*(f.value for f in formats), *(f"{f.value} LM head" for f in formats), "convert f32<->bf16"]
     nbytes = {fmt.value: sum(lin.nbytes for lin in step) for fmt, step in steps.items()}
     header = f"{'format':20s} {'MB':>6s}" + "".join(
         f" | rows={r:<3d} {'ms':>6s} {'tok/s':>7s}" for r in args.rows
