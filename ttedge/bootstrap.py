@@ -96,6 +96,7 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     started = time.perf_counter()
     if settings.device == "tt":
         check_tt_device()  # in a moment, before reading a checkpoint
+    speculative = speculative_config(settings)  # likewise: a bad setting fails before the model loads
     torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     path: Path = resolve_model(settings.model)
     checkpoint = load_checkpoint(path)
@@ -110,6 +111,6 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
             settings.max_num_seqs, settings.max_num_batched_tokens, policy=settings.scheduling
         ),
         max_queue_len=settings.max_queue_len,
-        speculative=speculative_config(settings),
+        speculative=speculative,
     )
     return LoadedEngine(engine, tokenizer, checkpoint, card, time.perf_counter() - started)

@@ -104,3 +104,13 @@ def test_adaptive_budget_verifies_fewer_rejected_drafts_for_the_same_output(part
     rate = {e: s.accepted_draft_tokens / s.draft_tokens for e, s in stats.items()}
     assert rejected[adaptive] < rejected[fixed]
     assert rate[adaptive] > rate[fixed]
+
+
+def test_cli_refuses_a_draft_count_below_one_in_one_line(capsys):
+    from ttedge.cli import main
+
+    argv = ["generate", "--prompt", "x", "--speculative", "prompt-lookup", "--num-draft-tokens", "0"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ttedge: error: speculative decoding: num_draft_tokens must be at least 1, got 0"
+    )
