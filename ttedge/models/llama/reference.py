@@ -8,6 +8,7 @@ embeddings, RMSNorm in float32) so float32 outputs match it token for token.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class LlamaModel:
         lm_head: Linear,
         inv_freq: torch.Tensor,
         weight_format: WeightFormat,
+        exit_adapter: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.config = config
         self.weight_format = weight_format
@@ -111,6 +113,10 @@ class LlamaModel:
         self.layers = layers
         self.norm = norm
         self.lm_head = lm_head
+        # Maps the last layer's hidden states to what the final norm expects; only a draft built from a
+        # subset of a bigger model's layers has one (``layer_subset``).
+        self.exit_adapter = exit_adapter
+        self.inv_freq = inv_freq
         self.rope = RotaryEmbedding(inv_freq, config.max_position_embeddings, self.dtype)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
@@ -170,6 +176,29 @@ class LlamaModel:
             weight_format=fmt,
         )
 
+    def layer_subset(
+        self,
+        layer_indices: Sequence[int],
+        exit_adapter: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> LlamaModel:
+        """A shallower model made of some of this model's layers, in order, sharing every weight with it
+        (no memory beyond its own KV cache): the self-speculative draft. ``exit_adapter`` maps its last
+        layer's output towards what this model's last layer would give."""
+        if not layer_indices or list(layer_indices) != sorted(set(layer_indices)):
+            raise ValueError(f"layer indices must be increasing and distinct, got {list(layer_indices)}")
+        if layer_indices[0] < 0 or layer_indices[-1] >= len(self.layers):
+            raise ValueError(f"layer indices must lie in [0, {len(self.layers)}), got {list(layer_indices)}")
+        return LlamaModel(
+            config=dataclasses.replace(self.config, num_layers=len(layer_indices)),
+            embed=self.embed,
+            layers=[self.layers[i] for i in layer_indices],
+            norm=self.norm,
+            lm_head=self.lm_head,
+            inv_freq=self.inv_freq,
+            weight_format=self.weight_format,
+            exit_adapter=exit_adapter,
+        )
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, layout: BatchLayout, cache: CpuKVCache) -> torch.Tensor:
         """Run the new tokens ``input_ids`` [T] and return float32 logits [N, vocab] for
@@ -204,7 +233,10 @@ class LlamaModel:
                 (cfg.intermediate_size, cfg.intermediate_size), dim=-1
             )
             x += layer.down(F.silu(gate).mul_(up))
-        return rms_norm(x[layout.logits_indices], self.norm, cfg.rms_norm_eps)
+        x = x[layout.logits_indices]
+        if self.exit_adapter is not None:
+            x = self.exit_adapter(x)
+        return rms_norm(x, self.norm, cfg.rms_norm_eps)
 
     def _attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: BatchLayout
