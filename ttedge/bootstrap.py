@@ -5,6 +5,7 @@ Tenstorrent card) and the engine."""
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import time
@@ -16,8 +17,9 @@ import torch
 from ttedge import model_zoo
 from ttedge.checkpoint import Checkpoint, load_checkpoint
 from ttedge.checkpoint.discovery import resolve_model
-from ttedge.collab.drafters import DRAFTERS
-from ttedge.collab.speculative import SpeculativeConfig
+from ttedge.collab.draft_models import DraftSpec, build_drafter, parse_draft_spec
+from ttedge.collab.drafters import PromptLookupDrafter
+from ttedge.collab.strategies import CollabConfig, Strategy
 from ttedge.config import ConfigError, EngineSettings
 from ttedge.engine.engine import Engine
 from ttedge.engine.scheduler import SchedulerConfig
@@ -78,31 +80,68 @@ def close_tt_device(mesh: object) -> None:
     ttnn.close_device(mesh)
 
 
-def speculative_config(settings: EngineSettings) -> SpeculativeConfig | None:
-    if settings.speculative is None:
+@dataclass(frozen=True)
+class CollabPlan:
+    """What the settings ask of big–little collaboration, checked before any model loads."""
+
+    draft: DraftSpec
+    # Every number checked; its drafter is prompt lookup until ``build_collab`` builds the real one.
+    config: CollabConfig
+    strategy: Strategy
+
+
+def collab_plan(settings: EngineSettings) -> CollabPlan | None:
+    strategy = Strategy(settings.strategy) if settings.strategy else None
+    if settings.draft is None:
+        if strategy not in (None, Strategy.PLAIN):
+            raise ConfigError(
+                "collaboration", f"strategy {settings.strategy!r} needs a drafter: give --draft"
+            )
         return None
-    drafter = DRAFTERS.get(settings.speculative)
-    if drafter is None:
-        known = ", ".join(DRAFTERS)
-        message = f"unknown drafter {settings.speculative!r}; choose from {known}"
-        raise ConfigError("speculative decoding", message)
     try:
-        return SpeculativeConfig(drafter(), settings.num_draft_tokens)
+        spec = parse_draft_spec(settings.draft)
+        strategy = strategy or Strategy.SPECULATIVE
+        if strategy.needs_small_model and not spec.needs_model:
+            raise ValueError(f"strategy {strategy.value!r} needs a small model, not {spec.text!r}")
+        config = CollabConfig(
+            PromptLookupDrafter(),
+            default_strategy=Strategy.PLAIN,
+            num_draft_tokens=settings.num_draft_tokens,
+            fallback_threshold=settings.fallback_threshold,
+            rollback_threshold=settings.rollback_threshold,
+            guided_tokens=settings.guided_tokens,
+            route_threshold=settings.route_threshold,
+        )
     except ValueError as err:
-        raise ConfigError("speculative decoding", str(err)) from None
+        raise ConfigError("collaboration", str(err)) from None
+    return CollabPlan(spec, config, strategy)
+
+
+def build_collab(
+    plan: CollabPlan, settings: EngineSettings, checkpoint: Checkpoint, runner: ModelRunner
+) -> CollabConfig:
+    target_model = runner.model if isinstance(runner, CpuModelRunner) else None
+    try:
+        drafter = build_drafter(
+            plan.draft, checkpoint, target_model, settings.weight_format, runner.allocator.num_blocks
+        )
+    except ValueError as err:
+        raise ConfigError("collaboration", str(err)) from None
+    return dataclasses.replace(plan.config, drafter=drafter, default_strategy=plan.strategy)
 
 
 def load_engine(settings: EngineSettings) -> LoadedEngine:
     started = time.perf_counter()
     if settings.device == "tt":
         check_tt_device()  # in a moment, before reading a checkpoint
-    speculative = speculative_config(settings)  # likewise: a bad setting fails before the model loads
+    collab = collab_plan(settings)  # likewise: a bad setting fails before the model loads
     torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     path: Path = resolve_model(settings.model)
     checkpoint = load_checkpoint(path)
     card = check_card(checkpoint)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
     runner = build_runner(settings, checkpoint, card)
+    collab_config = None if collab is None else build_collab(collab, settings, checkpoint, runner)
     engine = Engine(
         runner,
         lambda prompt_ids: tokenizer.detokenizer(prompt_ids=prompt_ids),
@@ -111,6 +150,6 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
             settings.max_num_seqs, settings.max_num_batched_tokens, policy=settings.scheduling
         ),
         max_queue_len=settings.max_queue_len,
-        speculative=speculative,
+        collab=collab_config,
     )
     return LoadedEngine(engine, tokenizer, checkpoint, card, time.perf_counter() - started)

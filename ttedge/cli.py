@@ -10,7 +10,7 @@ import time
 
 from ttedge.checkpoint import CheckpointError
 from ttedge.checkpoint.discovery import ModelNotFoundError, discover_models
-from ttedge.collab.drafters import DRAFTERS
+from ttedge.collab.strategies import Strategy
 from ttedge.config import DEVICES, ConfigError, EngineSettings, ServerSettings
 from ttedge.engine.engine import RequestRejected
 from ttedge.engine.policies import POLICY_NAMES
@@ -55,16 +55,47 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=EngineSettings.scheduling,
         help="who runs next: first come first served, or shortest predicted response first with aging",
     )
-    parser.add_argument(
-        "--speculative",
-        choices=sorted(DRAFTERS),
-        help="speculative decoding with this drafter; the big model verifies its drafts (default: off)",
+    collab = parser.add_argument_group("big-little collaboration (docs/speculative.md)")
+    collab.add_argument(
+        "--draft",
+        help="the drafter or small model: prompt-lookup, self:LAYERS (the model's own layers, e.g. "
+        "self:0-5,29) or a checkpoint path sharing the vocabulary (default: none)",
     )
-    parser.add_argument(
+    collab.add_argument(
+        "--strategy",
+        choices=[s.value for s in Strategy],
+        help="default strategy; requests may pick another (default: speculative with --draft, else plain)",
+    )
+    collab.add_argument(
         "--num-draft-tokens",
         type=int,
         default=EngineSettings.num_draft_tokens,
-        help="drafts verified per sequence and step (default: %(default)s)",
+        help="drafts verified per sequence and step, at most (default: %(default)s)",
+    )
+    collab.add_argument(
+        "--fallback-threshold",
+        type=float,
+        default=EngineSettings.fallback_threshold,
+        help="bild: the small model stops drafting below this probability (default: %(default)s)",
+    )
+    collab.add_argument(
+        "--rollback-threshold",
+        type=float,
+        default=EngineSettings.rollback_threshold,
+        help="bild: the big model overrules drafts with a cross-entropy above this, in nats "
+        "(default: %(default)s)",
+    )
+    collab.add_argument(
+        "--guided-tokens",
+        type=int,
+        default=EngineSettings.guided_tokens,
+        help="guided: tokens the big model writes before the small one (default: %(default)s)",
+    )
+    collab.add_argument(
+        "--route-threshold",
+        type=float,
+        default=EngineSettings.route_threshold,
+        help="routed: the small model's mean confidence from which it answers (default: %(default)s)",
     )
 
 
@@ -77,8 +108,13 @@ def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSett
         max_model_len=args.max_model_len,
         threads=args.threads,
         scheduling=args.scheduling,
-        speculative=args.speculative,
+        draft=args.draft,
+        strategy=args.strategy,
         num_draft_tokens=args.num_draft_tokens,
+        fallback_threshold=args.fallback_threshold,
+        rollback_threshold=args.rollback_threshold,
+        guided_tokens=args.guided_tokens,
+        route_threshold=args.route_threshold,
         **overrides,  # type: ignore[arg-type]
     )
 

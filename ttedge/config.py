@@ -242,9 +242,15 @@ class EngineSettings:
     threads: int | None = None  # torch intra-op threads; None = all cores
     max_queue_len: int | None = None  # requests that may wait beyond a full batch; None = no limit
     scheduling: str = "fcfs"  # scheduling policy: fcfs | length-aware (docs/scheduling.md)
-    # Drafter for speculative decoding (docs/speculative.md); None = plain decoding.
-    speculative: str | None = None
+    # Big–little collaboration (docs/speculative.md): the drafter or small model (`--draft`), and the
+    # default strategy; None = speculative with a draft, plain without.
+    draft: str | None = None
+    strategy: str | None = None
     num_draft_tokens: int = 4
+    fallback_threshold: float = 0.5
+    rollback_threshold: float = 2.0
+    guided_tokens: int = 8
+    route_threshold: float = 0.6
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ttedge.collab.drafters import PromptLookupDrafter
-from ttedge.collab.speculative import SpeculativeConfig, next_draft_budget, verify
+from ttedge.collab.speculative import next_draft_budget, verify
+from ttedge.collab.strategies import CollabConfig
 from ttedge.engine.sampling import SamplingParams, filtered_probs
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -64,14 +65,14 @@ def test_sampled_tokens_follow_the_big_models_distribution(params: SamplingParam
 
 def test_config_checks():
     with pytest.raises(ValueError, match="at least 1"):
-        SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens=0)
+        CollabConfig(PromptLookupDrafter(), num_draft_tokens=0)
 
 
 def test_draft_budget_grows_after_full_acceptance_and_shrinks_after_a_rejection():
-    config = SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens=6)
+    config = CollabConfig(PromptLookupDrafter(), num_draft_tokens=6)
     assert next_draft_budget(2, drafted=2, accepted=2, config=config) == 4
     assert next_draft_budget(5, drafted=5, accepted=5, config=config) == 6  # capped at k
     assert next_draft_budget(4, drafted=4, accepted=1, config=config) == 3
     assert next_draft_budget(1, drafted=1, accepted=0, config=config) == 0  # paused
-    fixed = SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens=6, adaptive=False)
+    fixed = CollabConfig(PromptLookupDrafter(), num_draft_tokens=6, adaptive=False)
     assert next_draft_budget(1, drafted=1, accepted=0, config=fixed) == 6

@@ -8,7 +8,7 @@ import pytest
 
 from tests.fixtures.tiny_engine import tiny_engine, tiny_parts
 from ttedge.collab.drafters import PromptLookupDrafter
-from ttedge.collab.speculative import SpeculativeConfig
+from ttedge.collab.strategies import CollabConfig
 from ttedge.engine.engine import Engine
 from ttedge.engine.sampling import SamplingParams
 from ttedge.engine.scheduler import SchedulerConfig
@@ -26,10 +26,12 @@ def parts(tmp_path_factory):
 def make_engine(
     parts, speculative: bool, num_blocks: int = 64, num_draft_tokens: int = 4, adaptive: bool = True
 ) -> Engine:
-    config = SpeculativeConfig(PromptLookupDrafter(), num_draft_tokens, adaptive) if speculative else None
-    return tiny_engine(
-        parts, num_blocks, scheduler_config=SchedulerConfig(max_num_seqs=8), speculative=config
+    config = (
+        CollabConfig(PromptLookupDrafter(), num_draft_tokens=num_draft_tokens, adaptive=adaptive)
+        if speculative
+        else None
     )
+    return tiny_engine(parts, num_blocks, scheduler_config=SchedulerConfig(max_num_seqs=8), collab=config)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_mixed_batch_equals_plain_greedy_and_drafts_are_accepted(parts, plain, n
         engine.step()
         steps += 1
     assert [s.output_ids for s in seqs] == plain
-    stats = engine.stats()
+    stats = engine.stats().collab
     # The comparison means something only if drafts were verified and some were accepted.
     assert stats.accepted_draft_tokens > 0 and stats.draft_tokens >= stats.accepted_draft_tokens
     assert steps < GREEDY.max_tokens  # plain decoding needs a step per token
@@ -99,7 +101,7 @@ def test_adaptive_budget_verifies_fewer_rejected_drafts_for_the_same_output(part
     adaptive = make_engine(parts, speculative=True, num_draft_tokens=8)
     assert [s.output_ids for s in fixed.generate(PROMPTS, GREEDY)] == plain
     assert [s.output_ids for s in adaptive.generate(PROMPTS, GREEDY)] == plain
-    stats = {e: e.stats() for e in (fixed, adaptive)}
+    stats = {e: e.stats().collab for e in (fixed, adaptive)}
     rejected = {e: s.draft_tokens - s.accepted_draft_tokens for e, s in stats.items()}
     rate = {e: s.accepted_draft_tokens / s.draft_tokens for e, s in stats.items()}
     assert rejected[adaptive] < rejected[fixed]
@@ -109,8 +111,8 @@ def test_adaptive_budget_verifies_fewer_rejected_drafts_for_the_same_output(part
 def test_cli_refuses_a_draft_count_below_one_in_one_line(capsys):
     from ttedge.cli import main
 
-    argv = ["generate", "--prompt", "x", "--speculative", "prompt-lookup", "--num-draft-tokens", "0"]
+    argv = ["generate", "--prompt", "x", "--draft", "prompt-lookup", "--num-draft-tokens", "0"]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == (
-        "ttedge: error: speculative decoding: num_draft_tokens must be at least 1, got 0"
+        "ttedge: error: collaboration: num_draft_tokens must be at least 1, got 0"
     )

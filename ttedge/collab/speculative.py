@@ -16,31 +16,14 @@ yields between 1 and ``k + 1`` tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ttedge.collab.drafters import Drafter
 from ttedge.engine.sampling import SamplingParams, draw, filtered_probs
 
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    drafter: Drafter
-    num_draft_tokens: int = 4  # k: the most drafts verified per sequence and step
-    # Adapt each sequence's k to its acceptance (``next_draft_budget``); False = always k.
-    adaptive: bool = True
-    # Adaptive: a sequence whose single draft was rejected pauses drafting for this many decode steps.
-    pause_steps: int = 8
-
-    def __post_init__(self) -> None:
-        if self.num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be at least 1, got {self.num_draft_tokens}")
-        if not self.drafter.deterministic:
-            # Rejection sampling below assumes q is one-hot on the draft.
-            raise ValueError(
-                f"drafter {self.drafter.name!r} samples its drafts; it needs q-aware verification"
-            )
+if TYPE_CHECKING:
+    from ttedge.collab.strategies import CollabConfig
 
 
 def verify(
@@ -74,7 +57,7 @@ def verify(
     return emitted
 
 
-def next_draft_budget(budget: int, drafted: int, accepted: int, config: SpeculativeConfig) -> int:
+def next_draft_budget(budget: int, drafted: int, accepted: int, config: CollabConfig) -> int:
     """A sequence's draft budget after a verification, adapted as Hugging Face's assisted generation does:
     two more after a fully accepted draft, one fewer after a rejection, at most the configured k. Unlike
     there it reaches 0 (drafting paused, see ``pause_steps``): verifying costs a row per draft for every

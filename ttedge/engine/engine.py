@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ttedge.collab.speculative import SpeculativeConfig, next_draft_budget, verify
+from ttedge.collab.drafters import Draft, DraftRequest
+from ttedge.collab.speculative import next_draft_budget, verify
+from ttedge.collab.strategies import CollabConfig, CollabCounters, Route, Strategy, bild_accept
 from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
 from ttedge.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from ttedge.engine.sequence import FinishReason, Sequence, SequenceStatus, TextStream
@@ -18,6 +20,10 @@ from ttedge.runtime.kv_cache import BLOCK_SIZE, OutOfBlocks
 
 class RequestRejected(ValueError):
     """A request that can never be served as asked (too long for the context or the KV cache)."""
+
+
+class StrategyUnavailable(RequestRejected):
+    """The request asks for a big–little strategy this engine cannot run."""
 
 
 class QueueFull(RuntimeError):
@@ -34,6 +40,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    route: Route | None = None  # routed requests: the model that answers
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,7 @@ class EngineStats:
     num_running: int
     kv_blocks_used: int
     kv_blocks_total: int
-    # Speculative decoding since start: draft tokens verified, and how many of them were accepted.
-    draft_tokens: int = 0
-    accepted_draft_tokens: int = 0
+    collab: CollabCounters = field(default_factory=CollabCounters)
 
 
 class Engine:
@@ -55,7 +60,7 @@ class Engine:
         eos_token_ids: tuple[int, ...],
         scheduler_config: SchedulerConfig | None = None,
         max_queue_len: int | None = None,
-        speculative: SpeculativeConfig | None = None,
+        collab: CollabConfig | None = None,
     ):
         self.runner = runner
         self.text_stream_factory = text_stream_factory
@@ -65,13 +70,28 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         # Requests allowed to wait beyond a full batch; None = unbounded (offline use).
         self.max_queue_len = max_queue_len
-        self.speculative = speculative
-        self.num_draft_tokens = self.num_accepted_draft_tokens = 0
+        self.collab = collab
+        self.counters = CollabCounters()
         self._ids = itertools.count()
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        strategy: Strategy | None = None,
     ) -> Sequence:
+        """Queue a request; ``strategy`` None takes the engine's default (plain without a drafter)."""
+        strategy = strategy or (self.collab.default_strategy if self.collab else Strategy.PLAIN)
+        if strategy is not Strategy.PLAIN:
+            if self.collab is None:
+                raise StrategyUnavailable(
+                    f"strategy {strategy.value!r} needs a drafter; this engine has none"
+                )
+            try:
+                self.collab.check(strategy)
+            except ValueError as err:
+                raise StrategyUnavailable(str(err)) from None
         if not prompt_ids:
             raise RequestRejected("the prompt is empty")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -97,6 +117,7 @@ class Engine:
                     f"({self.scheduler.config.max_num_seqs} running + {self.max_queue_len} queued)"
                 )
         seq = Sequence(request_id, list(prompt_ids), params, self.text_stream_factory(prompt_ids))
+        seq.strategy = strategy
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -105,8 +126,7 @@ class Engine:
         seq = self.sequences.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.remove(seq)
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = FinishReason.ABORT
+            self._finish(seq, FinishReason.ABORT)
 
     @property
     def max_sequence_len(self) -> int:
@@ -124,38 +144,41 @@ class Engine:
             num_running=len(self.scheduler.running),
             kv_blocks_used=allocator.num_blocks - allocator.num_free,
             kv_blocks_total=allocator.num_blocks,
-            draft_tokens=self.num_draft_tokens,
-            accepted_draft_tokens=self.num_accepted_draft_tokens,
+            collab=replace(self.counters),
         )
 
     def step(self) -> list[RequestOutput]:
         return self.execute(self.scheduler.schedule())
 
     def execute(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
-        """Run one scheduled step: forward, sample where a sequence is complete, append."""
+        """Run one scheduled step: route new routed requests, draft, run the big model over its
+        sequences and the small model over its own, verify or sample, append."""
         if not chunks:
             return []
-        drafts = [self._draft(c) for c in chunks]
+        self._route([c.seq for c in chunks if c.seq.strategy is Strategy.ROUTED and c.seq.route is None])
+        big = [c for c in chunks if not c.seq.on_small_model]
+        drafts = self._drafts(big)
         inputs = [
             StepInput(
-                token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens) + d,
+                token_ids=c.seq.token_slice(c.seq.num_computed, c.seq.num_computed + c.num_tokens) + d.tokens,
                 start=c.seq.num_computed,
                 block_table=c.seq.block_table,
-                all_logits=bool(d),
+                all_logits=bool(d.tokens),
             )
-            for c, d in zip(chunks, drafts, strict=True)
+            for c, d in zip(big, drafts, strict=True)
         ]
-        logits = self.runner.run(inputs)
+        logits = self.runner.run(inputs) if inputs else []
         sampling = []
         outputs: list[RequestOutput] = []
-        for chunk, rows, draft in zip(chunks, logits, drafts, strict=True):
+        for chunk, rows, draft in zip(big, logits, drafts, strict=True):
             if not chunk.completes_sequence:
                 chunk.seq.num_computed += chunk.num_tokens
-            elif draft:
-                outputs.append(self._verify(chunk, rows, draft))
+            elif draft.tokens:
+                outputs.append(self._verify(chunk, rows, draft.tokens))
             else:
                 chunk.seq.num_computed += chunk.num_tokens
                 sampling.append((chunk.seq, rows))
+        sampling += self._small_model_rows([c for c in chunks if c.seq.on_small_model])
         if sampling:
             result = self.sampler.sample(
                 torch.cat([row for _, row in sampling]),
@@ -163,47 +186,123 @@ class Engine:
                 [seq.generator for seq, _ in sampling],
             )
             for (seq, _), token, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
+                if seq.on_small_model:
+                    self.counters.small_model_tokens += 1
                 outputs.append(self._append(seq, [token], [logprob]))
         return outputs
 
-    def _draft(self, chunk: ScheduledChunk) -> list[int]:
-        """Draft tokens to verify after a decoding sequence's last token, with KV slots for them; none
-        for prefill chunks, near the sequence's limits, or when the slots are not free (drafting never
-        preempts anyone)."""
-        seq = chunk.seq
-        if self.speculative is None or chunk.num_tokens != 1 or not chunk.completes_sequence:
+    def _route(self, seqs: list[Sequence]) -> None:
+        """Decide who answers each new routed request: the small model if it drafts a probe of the
+        answer confidently, the big model otherwise (also when the small model cannot hold it)."""
+        if not seqs:
+            return
+        assert self.collab is not None  # checked at admission
+        config, small_model = self.collab, self.collab.small_model
+        assert small_model is not None  # likewise
+        probes = small_model.propose(
+            [DraftRequest(s.request_id, s.prompt_ids + s.output_ids, config.route_probe_tokens) for s in seqs]
+        )
+        for seq, probe in zip(seqs, probes, strict=True):
+            confident = bool(probe.confidences) and (
+                sum(probe.confidences) / len(probe.confidences) >= config.route_threshold
+            )
+            seq.route = Route.SMALL if confident else Route.BIG
+            seq.on_small_model = confident
+            if confident:
+                self.counters.routed_small += 1
+            else:
+                self.counters.routed_big += 1
+
+    def _small_model_rows(self, chunks: list[ScheduledChunk]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Next-token logits from the small model for the sequences it writes. The big model's KV cache
+        is not filled for them: their chunks only advance its bookkeeping."""
+        completing = []
+        for chunk in chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+            if chunk.completes_sequence:
+                completing.append(chunk.seq)
+        if not completing:
             return []
+        assert self.collab is not None and self.collab.small_model is not None  # checked at admission
+        logits = self.collab.small_model.next_logits(
+            [(s.request_id, s.prompt_ids + s.output_ids) for s in completing]
+        )
+        rows = []
+        for seq, row in zip(completing, logits, strict=True):
+            if row is None:
+                # The small model's cache cannot hold it: the big model takes over and computes its KV
+                # from the start in the coming steps.
+                seq.on_small_model = False
+                seq.num_computed = 0
+            else:
+                rows.append((seq, row[None]))
+        return rows
+
+    def _drafts(self, chunks: list[ScheduledChunk]) -> list[Draft]:
+        """Drafts to verify after each decoding sequence's last token, with KV slots for them; none for
+        prefill chunks, near the sequence's limits, or when the slots are not free (drafting never
+        preempts anyone). One batched call of the drafter for the whole step."""
+        drafts = [Draft() for _ in chunks]
+        wanted = [(i, n) for i, c in enumerate(chunks) if (n := self._draft_budget(c))]
+        if not wanted:
+            return drafts
+        assert self.collab is not None  # a budget needs a drafting strategy
+        fallback = self.collab.fallback_threshold
+        requests = []
+        for i, n in wanted:
+            seq = chunks[i].seq
+            min_confidence = fallback if seq.strategy is Strategy.BILD else 0.0
+            requests.append(DraftRequest(seq.request_id, seq.prompt_ids + seq.output_ids, n, min_confidence))
+        for (i, _), draft in zip(wanted, self.collab.drafter.propose(requests), strict=True):
+            seq = chunks[i].seq
+            if draft.unsure:
+                self.counters.fallbacks += 1
+            if draft.tokens:
+                try:
+                    self.runner.allocator.grow_table(seq.block_table, seq.num_tokens + len(draft.tokens))
+                except OutOfBlocks:
+                    continue
+                drafts[i] = draft
+        return drafts
+
+    def _draft_budget(self, chunk: ScheduledChunk) -> int:
+        """How many tokens to draft for ``chunk``'s sequence this step (0: none)."""
+        seq = chunk.seq
+        if not seq.strategy.drafts or chunk.num_tokens != 1 or not chunk.completes_sequence:
+            return 0
+        assert self.collab is not None  # checked at admission
         # Every accepted draft plus the big model's own token must fit the request and the context.
         room = min(
             seq.params.max_tokens - len(seq.output_ids),
             self.runner.max_model_len - seq.num_tokens,
         )
+        if seq.strategy is Strategy.BILD:
+            return max(0, min(self.collab.num_draft_tokens, room - 1))
         if seq.draft_budget is None:
-            seq.draft_budget = self.speculative.num_draft_tokens
+            seq.draft_budget = self.collab.num_draft_tokens
         if seq.draft_budget == 0:
             seq.steps_without_drafts += 1
-            if seq.steps_without_drafts < self.speculative.pause_steps:
-                return []
+            if seq.steps_without_drafts < self.collab.pause_steps:
+                return 0
             seq.draft_budget, seq.steps_without_drafts = 1, 0
-        wanted = min(seq.draft_budget, room - 1)
-        if wanted <= 0:
-            return []
-        draft = self.speculative.drafter.propose(seq.prompt_ids + seq.output_ids, wanted)[:wanted]
-        if draft:
-            try:
-                self.runner.allocator.grow_table(seq.block_table, seq.num_tokens + len(draft))
-            except OutOfBlocks:
-                return []
-        return draft
+        return max(0, min(seq.draft_budget, room - 1))
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor, draft: list[int]) -> RequestOutput:
         seq = chunk.seq
-        emitted = verify(logits, draft, seq.params, seq.generator)
+        assert self.collab is not None  # drafts come from it
+        if seq.strategy is Strategy.BILD:
+            emitted, rolled_back = bild_accept(
+                logits, draft, seq.params, seq.generator, self.collab.rollback_threshold
+            )
+            self.counters.rollbacks += rolled_back
+        else:
+            emitted = verify(logits, draft, seq.params, seq.generator)
         accepted = len(emitted) - 1
-        self.num_draft_tokens += len(draft)
-        self.num_accepted_draft_tokens += accepted
-        assert self.speculative is not None and seq.draft_budget is not None  # set when drafting
-        seq.draft_budget = next_draft_budget(seq.draft_budget, len(draft), accepted, self.speculative)
+        self.counters.draft_tokens += len(draft)
+        self.counters.accepted_draft_tokens += accepted
+        if seq.strategy is Strategy.SPECULATIVE:
+            assert seq.draft_budget is not None  # set when drafting
+            seq.draft_budget = next_draft_budget(seq.draft_budget, len(draft), accepted, self.collab)
         # The last token and the accepted drafts are in the KV cache now; the slots of rejected drafts
         # lie past the sequence's length, so attention never reads them, and later tokens overwrite them.
         seq.num_computed += 1 + accepted
@@ -231,10 +330,15 @@ class Engine:
             if reason is not None:
                 break
         if reason is not None:
-            self.scheduler.remove(seq)
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = reason
+            self._finish(seq, reason)
             del self.sequences[seq.request_id]
+        elif (
+            seq.strategy is Strategy.GUIDED
+            and not seq.on_small_model
+            and self.collab is not None
+            and len(seq.output_ids) >= self.collab.guided_tokens
+        ):
+            seq.on_small_model = True
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=tokens[:appended],
@@ -244,7 +348,15 @@ class Engine:
             finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=len(seq.output_ids),
+            route=seq.route,
         )
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if self.collab is not None:
+            self.collab.drafter.release(seq.request_id)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Run prompts to completion; the offline path for scripts and tests."""

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 
+from ttedge.collab.strategies import Route, Strategy
 from ttedge.engine.sampling import SamplingParams, TokenLogprobs
 
 
@@ -58,6 +59,11 @@ class Sequence:
     # None until its first draft), and decode steps since drafting was paused (budget 0).
     draft_budget: int | None = None
     steps_without_drafts: int = 0
+    strategy: Strategy = Strategy.PLAIN
+    # The small model writes this sequence's tokens (guided after its first tokens, routed to small).
+    # The scheduler still reserves the big model's blocks for it, so it can be handed back any step.
+    on_small_model: bool = False
+    route: Route | None = None  # routed: the model that answers, once decided
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

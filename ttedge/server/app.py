@@ -26,8 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import ttedge
 from ttedge.bootstrap import LoadedEngine
+from ttedge.collab.strategies import Strategy
 from ttedge.config import ServerSettings
-from ttedge.engine.engine import QueueFull, RequestRejected
+from ttedge.engine.engine import QueueFull, RequestRejected, StrategyUnavailable
 from ttedge.engine.sampling import SamplingError, SamplingParams
 from ttedge.server.async_engine import AsyncEngine, EngineFailure, EngineStopped, RequestStream
 from ttedge.server.errors import APIError, for_status, from_validation
@@ -288,7 +289,10 @@ async def _generate(
     prompt_param: str,
 ) -> Response:
     try:
-        stream = await service.engine.submit(prompt_ids, params, renderer.request_id)
+        strategy = None if body.strategy is None else Strategy(body.strategy)
+        stream = await service.engine.submit(prompt_ids, params, renderer.request_id, strategy)
+    except StrategyUnavailable as error:
+        raise APIError(400, str(error), code="invalid_value", param="strategy") from error
     except RequestRejected as error:
         raise APIError(400, str(error), code="invalid_prompt", param=prompt_param) from error
     except QueueFull as error:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ttedge.collab.strategies import Strategy
 from ttedge.engine.engine import Engine, EngineStats, RequestOutput
 from ttedge.engine.sampling import SamplingParams
 
@@ -104,6 +105,7 @@ class _Add:
     stream: RequestStream
     prompt_ids: list[int]
     params: SamplingParams
+    strategy: Strategy | None
 
 
 @dataclass(frozen=True)
@@ -165,11 +167,13 @@ class AsyncEngine:
         if self._thread is not threading.current_thread():
             self._loop_ended.wait()
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+    async def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, strategy: Strategy | None = None
+    ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises the engine's refusal
         (``RequestRejected``, ``QueueFull``) or ``EngineStopped``."""
         stream = RequestStream(request_id, self)
-        self._post(_Add(stream, list(prompt_ids), params))
+        self._post(_Add(stream, list(prompt_ids), params, strategy))
         try:
             await stream._admitted
         except asyncio.CancelledError:
@@ -232,7 +236,7 @@ class AsyncEngine:
     def _add(self, command: _Add) -> None:
         stream = command.stream
         try:
-            self._engine.add_request(command.prompt_ids, command.params, stream.request_id)
+            self._engine.add_request(command.prompt_ids, command.params, stream.request_id, command.strategy)
         except Exception as error:  # refusals go back to the handler, which maps them to HTTP statuses
             stream._resolve(error)
             return

@@ -111,9 +111,29 @@ class _EngineCollector:
         yield GaugeMetricFamily(
             "ttedge_kv_cache_blocks_total", "KV cache blocks in all", stats.kv_blocks_total
         )
+        collab = stats.collab
         yield CounterMetricFamily(
-            "ttedge_spec_draft_tokens", "Draft tokens verified by speculative decoding", stats.draft_tokens
+            "ttedge_spec_draft_tokens", "Draft tokens verified by the big model", collab.draft_tokens
         )
         yield CounterMetricFamily(
-            "ttedge_spec_accepted_tokens", "Draft tokens the big model accepted", stats.accepted_draft_tokens
+            "ttedge_spec_accepted_tokens", "Draft tokens the big model accepted", collab.accepted_draft_tokens
+        )
+        yield CounterMetricFamily(
+            "ttedge_bild_fallbacks",
+            "BiLD drafts cut short by the small model's low confidence",
+            collab.fallbacks,
+        )
+        yield CounterMetricFamily(
+            "ttedge_bild_rollbacks", "BiLD drafts the big model overruled", collab.rollbacks
+        )
+        routed = CounterMetricFamily(
+            "ttedge_routed_requests", "Routed requests by the model that answered", labels=["model"]
+        )
+        routed.add_metric(["small"], collab.routed_small)
+        routed.add_metric(["big"], collab.routed_big)
+        yield routed
+        yield CounterMetricFamily(
+            "ttedge_small_model_tokens",
+            "Tokens the small model wrote alone (guided, routed)",
+            collab.small_model_tokens,
         )

@@ -43,6 +43,10 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
+StrategyName = Literal["plain", "speculative", "bild", "guided", "routed"]
+RouteName = Literal["small", "big"]
+
+
 class _Strict(BaseModel):
     # JSON types as the schema states them: no "5" for 5, no false for 0.
     model_config = ConfigDict(strict=True)
@@ -71,6 +75,11 @@ class GenerationRequest(_Strict):
     stream: bool = Field(False, description="Answer with server-sent events, one chunk per token.")
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="ttedge extension (as vLLM): generate past end-of-sequence.")
+    strategy: StrategyName | None = Field(
+        None,
+        description="ttedge extension: big-little strategy for this request (plain, speculative, bild, "
+        "guided, routed); omitted = the server's default.",
+    )
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility; not used.")
     n: int | None = Field(None, ge=1, le=1, description=UNSUPPORTED["n"])
     presence_penalty: float | None = Field(None, ge=0, le=0, description=UNSUPPORTED["presence_penalty"])
@@ -162,6 +171,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # ttedge extension, on routed requests only: which model answered.
+    route: RouteName | None = Field(None, exclude_if=lambda route: route is None)
 
 
 FinishReasonName = Literal["stop", "length"]

@@ -62,6 +62,7 @@ class Renderer(ABC):
                 prompt_tokens=output.num_prompt_tokens,
                 completion_tokens=output.num_output_tokens,
                 total_tokens=output.num_prompt_tokens + output.num_output_tokens,
+                route=None if output.route is None else output.route.value,
             )
         if not (output.new_text or scored or output.finished):
             return None
