@@ -23,6 +23,7 @@ from ttedge.collab.strategies import CollabConfig, Strategy
 from ttedge.config import ConfigError, EngineSettings
 from ttedge.engine.engine import Engine
 from ttedge.engine.scheduler import SchedulerConfig
+from ttedge.models.llama.linear import WeightFormat
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import ModelRunner
 from ttedge.runtime.cpu import CpuModelRunner
@@ -70,7 +71,9 @@ def build_runner(
         mesh = open_tt_device()
         atexit.register(close_tt_device, mesh)
         return TtModelRunner.from_checkpoint(mesh, checkpoint, preset, kv_cache_bytes, settings.max_model_len)
-    model = LlamaModel.from_checkpoint(checkpoint, settings.weight_format)
+    model = LlamaModel.from_checkpoint(
+        checkpoint, settings.weight_format, batch_invariant=settings.batch_invariant
+    )
     return CpuModelRunner(model, kv_cache_bytes, settings.max_model_len)
 
 
@@ -135,6 +138,9 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     if settings.device == "tt":
         check_tt_device()  # in a moment, before reading a checkpoint
     collab = collab_plan(settings)  # likewise: a bad setting fails before the model loads
+    if settings.batch_invariant and not WeightFormat(settings.weight_format).row_independent:
+        message = f"--batch-invariant needs --weights int4 or int8, not {settings.weight_format}"
+        raise ConfigError("batch-invariant mode", message)
     torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     path: Path = resolve_model(settings.model)
     checkpoint = load_checkpoint(path)

@@ -55,6 +55,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=EngineSettings.scheduling,
         help="who runs next: first come first served, or shortest predicted response first with aging",
     )
+    parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="outputs independent of the batch (int4/int8 weights; attention token by token, slower)",
+    )
     collab = parser.add_argument_group("big-little collaboration (docs/speculative.md)")
     collab.add_argument(
         "--draft",
@@ -108,6 +113,7 @@ def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSett
         max_model_len=args.max_model_len,
         threads=args.threads,
         scheduling=args.scheduling,
+        batch_invariant=args.batch_invariant,
         draft=args.draft,
         strategy=args.strategy,
         num_draft_tokens=args.num_draft_tokens,

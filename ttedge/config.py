@@ -242,6 +242,9 @@ class EngineSettings:
     threads: int | None = None  # torch intra-op threads; None = all cores
     max_queue_len: int | None = None  # requests that may wait beyond a full batch; None = no limit
     scheduling: str = "fcfs"  # scheduling policy: fcfs | length-aware (docs/scheduling.md)
+    # Outputs that do not depend on the batch (int4/int8 weights, attention token by token): slower,
+    # and greedy speculative output then equals plain greedy output on the real model.
+    batch_invariant: bool = False
     # Big–little collaboration (docs/speculative.md): the drafter or small model (`--draft`), and the
     # default strategy; None = speculative with a draft, plain without.
     draft: str | None = None

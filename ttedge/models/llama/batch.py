@@ -32,6 +32,7 @@ class SequenceChunk:
 @dataclass(frozen=True)
 class BatchLayout:
     positions: torch.Tensor  # [T] position of each new token
+    token_sequence: torch.Tensor  # [T] index of each new token's sequence in the batch
     slot_mapping: torch.Tensor  # [T] KV slot each new token writes
     block_tables: torch.Tensor  # [B, ceil(C / BLOCK_SIZE)] KV blocks each sequence reads, padded with block 0
     context_len: int  # C: keys the longest sequence attends to after this step's writes
@@ -102,6 +103,7 @@ class BatchLayout:
                 wanted.append(row + chunk.num_tokens - 1)
         return cls(
             positions=positions,
+            token_sequence=token_seq,
             slot_mapping=slot_mapping,
             block_tables=tables,
             context_len=max_ctx,

@@ -90,6 +90,12 @@ class WeightFormat(str, Enum):
     auto = "auto"
 
     @property
+    def row_independent(self) -> bool:
+        """Each output row is computed from its input row alone, whatever the other rows
+        (tests/models/test_linear.py); ``auto`` switches kernels with the row count."""
+        return self in (WeightFormat.int8, WeightFormat.int4)
+
+    @property
     def activation_dtype(self) -> torch.dtype:
         return torch.float32 if self is WeightFormat.float32 else torch.bfloat16
 

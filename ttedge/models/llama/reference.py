@@ -105,6 +105,7 @@ class LlamaModel:
         inv_freq: torch.Tensor,
         weight_format: WeightFormat,
         exit_adapter: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        batch_invariant: bool = False,
     ):
         self.config = config
         self.weight_format = weight_format
@@ -117,6 +118,10 @@ class LlamaModel:
         # subset of a bigger model's layers has one (``layer_subset``).
         self.exit_adapter = exit_adapter
         self.inv_freq = inv_freq
+        # Every token attends on its own (``_attention_row_by_row``), so its output never depends on
+        # what else is in the batch; with a row-independent weight format the whole forward is then
+        # batch-invariant (docs/speculative.md, "Exactness").
+        self.batch_invariant = batch_invariant
         self.rope = RotaryEmbedding(inv_freq, config.max_position_embeddings, self.dtype)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
@@ -126,8 +131,13 @@ class LlamaModel:
         checkpoint: Checkpoint,
         weight_format: WeightFormat | str = WeightFormat.float32,
         progress: Callable[[int, int], None] | None = None,
+        batch_invariant: bool = False,
     ) -> LlamaModel:
         fmt = WeightFormat(weight_format)
+        if batch_invariant and not fmt.row_independent:
+            raise ValueError(
+                f"a batch-invariant model needs row-independent weights (int4, int8), not {fmt.value}"
+            )
         config = checkpoint.config
         dtype = fmt.activation_dtype
 
@@ -174,6 +184,7 @@ class LlamaModel:
             lm_head=linear([head_name], is_lm_head=True),
             inv_freq=rope_inverse_frequencies(config, None if freq_factors is None else freq_factors.load()),
             weight_format=fmt,
+            batch_invariant=batch_invariant,
         )
 
     def layer_subset(
@@ -197,6 +208,7 @@ class LlamaModel:
             inv_freq=self.inv_freq,
             weight_format=self.weight_format,
             exit_adapter=exit_adapter,
+            batch_invariant=self.batch_invariant,
         )
 
     @torch.inference_mode()
@@ -243,6 +255,8 @@ class LlamaModel:
     ) -> torch.Tensor:
         """``q`` [T, heads, head_dim] against ``keys`` and ``values`` [B, kv_heads, C, head_dim];
         returns [T, heads * head_dim]."""
+        if self.batch_invariant:
+            return self._attention_row_by_row(q, keys, values, layout)
         cfg = self.config
         batch = layout.num_sequences
         if layout.query_index is None:
@@ -260,3 +274,24 @@ class LlamaModel:
         )
         out = out.transpose(1, 2).reshape(batch * layout.max_query_len, -1)
         return out if layout.output_index is None else out[layout.output_index]
+
+    def _attention_row_by_row(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: BatchLayout
+    ) -> torch.Tensor:
+        """Each token alone against exactly the keys it may see: the same kernel call whether the token
+        is prefilled, decoded or verified, padded or not. A Python loop over tokens, so slower; it is
+        the price of outputs that do not depend on the batch."""
+        cfg = self.config
+        group = cfg.num_heads // cfg.num_kv_heads
+        queries = q.view(-1, cfg.num_kv_heads, group, cfg.head_dim)
+        rows = []
+        for row, (sequence, position) in enumerate(
+            zip(layout.token_sequence.tolist(), layout.positions.tolist(), strict=True)
+        ):
+            seen = slice(sequence, sequence + 1), slice(None), slice(0, position + 1)
+            rows.append(
+                F.scaled_dot_product_attention(
+                    queries[row : row + 1], keys[seen], values[seen], scale=self.scale
+                )
+            )
+        return torch.cat(rows).reshape(-1, cfg.q_size)
