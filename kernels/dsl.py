@@ -28,6 +28,9 @@ else:  # pragma: no cover - needs tt-lang and a card
     ttl = _ttl_package
 
 TILE = 32
+# Bytes of one tile on the card: what the simulator's tile counts weigh in DRAM traffic.
+BFLOAT16_TILE_BYTES = TILE * TILE * 2
+FLOAT32_TILE_BYTES = TILE * TILE * 4
 
 
 def device_tensor(tensor: torch.Tensor, dtype: Any, device: Any) -> Any:

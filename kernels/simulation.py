@@ -63,11 +63,16 @@ class SimulatorRun:
     dfb_tiles: int
     l1_bytes_per_node: int
     nodes: int
+    tile_bytes: int
     seconds: float
 
     @property
     def dram_tiles(self) -> int:
         return sum(t.dram_tiles for t in self.traffic)
+
+    @property
+    def dram_bytes(self) -> int:
+        return self.dram_tiles * self.tile_bytes
 
 
 def _simulate(case: KernelCase) -> SimulatorRun:
@@ -117,6 +122,7 @@ def _simulate(case: KernelCase) -> SimulatorRun:
         dfb_tiles=dfb_tiles,
         l1_bytes_per_node=max(l1_bytes),
         nodes=case.grid[0] * case.grid[1],
+        tile_bytes=kernel.TILE_BYTES,
         seconds=seconds,
     )
 

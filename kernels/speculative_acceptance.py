@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
-from ttedge.kernels.dsl import TILE, device_tensor, host_tensor, pad_rows, ttl, ttnn
+from ttedge.kernels.dsl import FLOAT32_TILE_BYTES, TILE, device_tensor, host_tensor, pad_rows, ttl, ttnn
 
 DRAFT_PAD = -1.0
 TARGET_PAD = -2.0
+
+TILE_BYTES = FLOAT32_TILE_BYTES  # every tensor of this kernel is float32 (token ids exact below 2**24)
 
 
 def upper_triangular(columns: int) -> torch.Tensor:

@@ -1,0 +1,355 @@
+"""Per-op microbenchmarks of one decode layer, placed against the hardware roofline, and the data movement of
+the TT-Lang kernels in the simulator.
+
+- CPU (always): every op of one decode layer of a model card's architecture (default SmolLM2-135M) as the
+  reference model runs it -- RMSNorm, the fused QKV projection, rope on Q and K, decode attention over
+  ``--context`` cached tokens, the O projection, the residual add, RMSNorm, the fused gate/up projection,
+  SiLU-and-multiply, the down projection, the residual add -- at each CPU weight format (projections differ
+  per format; the other ops per activation dtype) and each ``--rows`` (tokens in the step). Each op is timed
+  ``--iterations`` times back to back; the fastest is reported (the least disturbed on a shared machine),
+  the median is in the JSON. Time, achieved GB/s and GFLOP/s, and % of the roofline of this CPU, measured
+  at start (``ttedge.perf.hardware.host_cpu``): bytes are each input read and each output written once.
+- TT-Lang kernels (unless ``--no-simulator``): each kernel at the layer's decode shapes (32 rows) in
+  tt-lang-sim, with what its trace says: tiles read and written per tensor, DRAM bytes, dataflow-buffer
+  tiles and L1 bytes per node, and the least time those DRAM bytes take on each card's bandwidth. The
+  simulator's wall time is not a speed: it is Python executing every tile.
+- TT (a card and ttnn present): not measured by this script yet; it says why in the report.
+
+    python scripts/bench_kernels.py [--model smollm2-135m-instruct] [--rows 1 32] [--formats float32 int4]
+        [--context 256] [--iterations 50] [--json out.json]
+
+Run as pytest-benchmark tests too: ``python -m pytest scripts/bench_kernels.py --benchmark-enable``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttedge.config import ModelConfig
+from ttedge.kernels.simulation import KernelCase, Simulator, SimulatorRun
+from ttedge.model_zoo import find_card
+from ttedge.models.llama.linear import AutoLinear, Linear, WeightFormat, build_linear
+from ttedge.models.llama.reference import RotaryEmbedding, rms_norm, rope_inverse_frequencies
+from ttedge.perf.hardware import CARDS, HardwareSpec, host_cpu
+from ttedge.perf.roofline import OpCost, place
+from ttedge.runtime.tt_host import check_tt_device
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SIMULATOR_ROWS = 32  # one decode step of 32 users: one tile row
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    name: str
+    run: Callable[[], object]
+    cost: OpCost
+
+
+@dataclass(frozen=True)
+class OpTiming:
+    op: str
+    weight_format: str
+    rows: int
+    seconds: float
+    median_seconds: float
+    bytes_moved: int
+    flops: int
+    achieved_gb_per_s: float
+    achieved_gflop_per_s: float
+    roofline_seconds: float
+    bound: str
+    percent_of_roofline: float
+
+
+def bytes_read_per_call(linear: Linear, rows: int) -> int:
+    """Weight bytes one call reads: ``auto`` keeps two copies and reads the one its row count picks."""
+    if isinstance(linear, AutoLinear):
+        return linear.part_for(rows * linear.in_features).nbytes
+    return linear.nbytes
+
+
+def decode_layer_ops(
+    config: ModelConfig, fmt: WeightFormat, rows: int, context: int, generator: torch.Generator
+) -> list[LayerOp]:
+    """One decode layer's ops as ``reference.LlamaModel`` runs them, on random weights and activations."""
+    dtype = fmt.activation_dtype
+    size = torch.tensor([], dtype=dtype).element_size()
+    compute = str(dtype).removeprefix("torch.")
+    hidden, mlp, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    heads, kv_heads = config.num_heads, config.num_kv_heads
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    def linear(name: str, outs: Sequence[int], inputs: int) -> LayerOp:
+        weights = [torch.randn(out, inputs, generator=generator) * 0.02 for out in outs]
+        layer, x = build_linear(weights, fmt), randn(rows, inputs)
+        moved = bytes_read_per_call(layer, rows) + rows * (inputs + sum(outs)) * size
+        return LayerOp(name, lambda: layer(x), OpCost(moved, 2 * rows * inputs * sum(outs), compute))
+
+    def norm(name: str) -> LayerOp:
+        x, weight = randn(rows, hidden), randn(hidden)
+        cost = OpCost((2 * rows * hidden + hidden) * size, 4 * rows * hidden, compute)
+        return LayerOp(name, lambda: rms_norm(x, weight, config.rms_norm_eps), cost)
+
+    def residual_add(name: str) -> LayerOp:
+        x, update = randn(rows, hidden), randn(rows, hidden)
+        return LayerOp(name, lambda: x.add_(update), OpCost(3 * rows * hidden * size, rows * hidden, compute))
+
+    rope = RotaryEmbedding(rope_inverse_frequencies(config), context + 1, dtype)
+    qk = randn(rows, heads + kv_heads, head_dim)
+    positions = torch.full((rows,), context)
+    rope_elements = rows * (heads + kv_heads) * head_dim
+    # Decode attention with the query heads of one KV head folded together, as the reference does.
+    queries = randn(rows, kv_heads, heads // kv_heads, head_dim)
+    keys, values = randn(rows, kv_heads, context, head_dim), randn(rows, kv_heads, context, head_dim)
+    gate, up = randn(rows, mlp), randn(rows, mlp)
+    return [
+        norm("attn_norm"),
+        linear("qkv", (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), hidden),
+        LayerOp(
+            "rope_qk",
+            lambda: rope(qk, rope.cos[positions].unsqueeze(1), rope.signed_sin[positions].unsqueeze(1)),
+            OpCost((2 * rope_elements + 2 * rows * head_dim) * size, 3 * rope_elements, compute),
+        ),
+        LayerOp(
+            "attention",
+            lambda: F.scaled_dot_product_attention(queries, keys, values),
+            OpCost(
+                (2 * rows * heads * head_dim + 2 * rows * kv_heads * context * head_dim) * size,
+                4 * rows * heads * context * head_dim,
+                compute,
+            ),
+        ),
+        linear("o", (hidden,), heads * head_dim),
+        residual_add("attn_residual"),
+        norm("mlp_norm"),
+        linear("gate_up", (mlp, mlp), hidden),
+        LayerOp(
+            "swiglu", lambda: F.silu(gate).mul_(up), OpCost(3 * rows * mlp * size, 5 * rows * mlp, compute)
+        ),
+        linear("down", (hidden,), mlp),
+        residual_add("mlp_residual"),
+    ]
+
+
+def time_op(op: LayerOp, iterations: int) -> tuple[float, float]:
+    """(fastest, median) seconds of ``iterations`` back-to-back calls, after one warm-up call."""
+    with torch.inference_mode():
+        op.run()
+        samples = []
+        for _ in range(iterations):
+            started = time.perf_counter()
+            op.run()
+            samples.append(time.perf_counter() - started)
+    return min(samples), statistics.median(samples)
+
+
+def measure_cpu(
+    config: ModelConfig,
+    formats: Sequence[WeightFormat],
+    rows_list: Sequence[int],
+    context: int,
+    iterations: int,
+    cpu: HardwareSpec,
+) -> list[OpTiming]:
+    timings = []
+    for fmt in formats:
+        for rows in rows_list:
+            for op in decode_layer_ops(config, fmt, rows, context, torch.Generator().manual_seed(0)):
+                fastest, median = time_op(op, iterations)
+                point = place(op.cost, fastest, cpu)
+                timings.append(
+                    OpTiming(
+                        op=op.name,
+                        weight_format=fmt.value,
+                        rows=rows,
+                        seconds=fastest,
+                        median_seconds=median,
+                        bytes_moved=op.cost.bytes_moved,
+                        flops=op.cost.flops,
+                        achieved_gb_per_s=point.achieved_bytes_per_s / 1e9,
+                        achieved_gflop_per_s=point.achieved_flops / 1e9,
+                        roofline_seconds=point.roofline_seconds,
+                        bound=point.bound,
+                        percent_of_roofline=point.percent_of_roofline,
+                    )
+                )
+    return timings
+
+
+def kernel_cases(config: ModelConfig, grid: tuple[int, int]) -> list[KernelCase]:
+    """Each TT-Lang kernel at the layer's decode shapes, 32 rows (users)."""
+    generator = torch.Generator().manual_seed(0)
+    rows, hidden, mlp = SIMULATOR_ROWS, config.hidden_size, config.intermediate_size
+    angles = torch.rand(rows, config.head_dim, generator=generator) * 2 * math.pi
+    target = torch.randint(0, config.vocab_size, (rows, 5), generator=generator)
+    return [
+        KernelCase(
+            "residual_rmsnorm",
+            grid,
+            {
+                "x": torch.randn(rows, hidden),
+                "residual": torch.randn(rows, hidden),
+                "weight": torch.ones(hidden),
+            },
+            {"eps": config.rms_norm_eps},
+        ),
+        KernelCase("swiglu", grid, {"gate": torch.randn(rows, mlp), "up": torch.randn(rows, mlp)}),
+        KernelCase(
+            "rotary",
+            grid,
+            {"x": torch.randn(rows, config.q_size), "cos": angles.cos(), "sin": angles.sin()},
+            {"head_dim": config.head_dim},
+        ),
+        KernelCase("speculative_acceptance", grid, {"draft": target[:, :4], "target_argmax": target}),
+    ]
+
+
+def simulator_report(run: SimulatorRun, kernel: str) -> dict[str, Any]:
+    return {
+        "kernel": kernel,
+        "grid": run.nodes,
+        "tensors": [asdict(t) for t in run.traffic],
+        "dram_tiles": run.dram_tiles,
+        "dram_bytes": run.dram_bytes,
+        "dfb_blocks": run.dfb_blocks,
+        "dfb_tiles": run.dfb_tiles,
+        "l1_bytes_per_node": run.l1_bytes_per_node,
+        "dram_roofline_us": {
+            name: 1e6 * run.dram_bytes / card.dram_bytes_per_s for name, card in CARDS.items()
+        },
+        "simulator_seconds": run.seconds,
+    }
+
+
+def tt_status() -> str:
+    try:
+        check_tt_device()
+    except Exception as missing:
+        return f"skipped: {missing}"
+    return "skipped: timing ttnn ops on a card is not implemented in this script yet"
+
+
+def format_table(timings: Sequence[OpTiming]) -> str:
+    lines = [
+        f"{'format':<9} {'rows':>4} {'op':<14} {'time us':>9} {'GB/s':>8} {'GFLOP/s':>9} "
+        f"{'roofline':>9} bound",
+        "-" * 72,
+    ]
+    for t in timings:
+        lines.append(
+            f"{t.weight_format:<9} {t.rows:>4} {t.op:<14} {t.seconds * 1e6:>9.1f} "
+            f"{t.achieved_gb_per_s:>8.2f} {t.achieved_gflop_per_s:>9.2f} "
+            f"{t.percent_of_roofline:>8.1f}% {t.bound}"
+        )
+    return "\n".join(lines)
+
+
+def format_simulator_table(reports: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        f"{'kernel':<24} {'DRAM tiles':>10} {'DRAM KiB':>9} {'DFB tiles':>9} {'L1 KiB/node':>11} "
+        f"{'n150 us':>8} {'p150 us':>8}",
+        "-" * 86,
+    ]
+    for r in reports:
+        lines.append(
+            f"{r['kernel']:<24} {r['dram_tiles']:>10} {r['dram_bytes'] / 1024:>9.0f} {r['dfb_tiles']:>9} "
+            f"{r['l1_bytes_per_node'] / 1024:>11.1f} {r['dram_roofline_us']['n150']:>8.2f} "
+            f"{r['dram_roofline_us']['p150']:>8.2f}"
+        )
+        lines.extend(
+            f"    {t['tensor']:<20} read {t['tiles_read']:>5} written {t['tiles_written']:>5} tiles"
+            for t in r["tensors"]
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model card name (its architecture is used)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 32], help="tokens per decode step")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=[f.value for f in WeightFormat],
+        choices=[f.value for f in WeightFormat],
+    )
+    parser.add_argument("--context", type=int, default=256, help="cached tokens each row attends to")
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--sim-grid", type=int, nargs=2, default=[2, 4], metavar=("ROWS", "COLS"))
+    parser.add_argument("--no-simulator", action="store_true", help="skip the TT-Lang simulator report")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    card = find_card(args.model)
+    if card is None:
+        parser.error(f"no model card named {args.model!r}")
+    cpu = host_cpu()
+    timings = measure_cpu(
+        card.config, [WeightFormat(f) for f in args.formats], args.rows, args.context, args.iterations, cpu
+    )
+    print(f"{card.name}, one decode layer, context {args.context}, on {cpu.name}: "
+          f"{cpu.dram_bytes_per_s / 1e9:.1f} GB/s, "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in cpu.peak_flops.items()))  # fmt: skip
+    print(format_table(timings))
+
+    simulated: list[dict[str, Any]] = []
+    if not args.no_simulator:
+        with Simulator() as simulator:
+            for case in kernel_cases(card.config, tuple(args.sim_grid)):
+                simulated.append(simulator_report(simulator.run(case), case.kernel))
+        print(
+            f"\nTT-Lang kernels in tt-lang-sim, {SIMULATOR_ROWS} rows, {simulated[0]['grid']} nodes "
+            "(card columns: the least time the kernel's DRAM traffic takes at that card's bandwidth)"
+        )
+        print(format_simulator_table(simulated))
+    tt = tt_status()
+    print(f"\nTT (ttnn on a card): {tt}")
+
+    results = {
+        "model": card.id,
+        "context": args.context,
+        "iterations": args.iterations,
+        "host_cpu": asdict(cpu),
+        "cpu": [asdict(t) for t in timings],
+        "simulator": simulated,
+        "tt": tt,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+@pytest.mark.parametrize("fmt", list(WeightFormat), ids=lambda fmt: fmt.value)
+def test_decode_layer_ops(benchmark: Any, fmt: WeightFormat) -> None:
+    """pytest-benchmark entry point: one SmolLM2 decode layer, one row, every op back to back."""
+    card = find_card(DEFAULT_MODEL)
+    assert card is not None
+    ops = decode_layer_ops(card.config, fmt, 1, 256, torch.Generator().manual_seed(0))
+
+    def layer() -> None:
+        with torch.inference_mode():
+            for op in ops:
+                op.run()
+
+    benchmark(layer)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
