@@ -6,8 +6,9 @@ the TT-Lang kernels in the simulator.
   ``--context`` cached tokens, the O projection, the residual add, RMSNorm, the fused gate/up projection,
   SiLU-and-multiply, the down projection, the residual add -- at each CPU weight format (projections differ
   per format; the other ops per activation dtype) and each ``--rows`` (tokens in the step). Each op is timed
-  ``--iterations`` times back to back; the fastest is reported (the least disturbed on a shared machine),
-  the median is in the JSON. Time, achieved GB/s and GFLOP/s, and % of the roofline of this CPU, measured
+  ``--iterations`` times back to back, cycling through as many distinct layers as the model has (so weights
+  and KV cache come from DRAM, as in a real step); the fastest is reported (the least disturbed on a shared
+  machine), the median is in the JSON. Time, achieved GB/s and GFLOP/s, and % of the roofline of this CPU, measured
   at start (``ttedge.perf.hardware.host_cpu``): bytes are each input read and each output written once.
 - TT-Lang kernels (unless ``--no-simulator``): each kernel at the layer's decode shapes (32 rows) in
   tt-lang-sim, with what its trace says: tiles read and written per tensor, DRAM bytes, dataflow-buffer
@@ -16,7 +17,7 @@ the TT-Lang kernels in the simulator.
 - TT (a card and ttnn present): not measured by this script yet; it says why in the report.
 
     python scripts/bench_kernels.py [--model smollm2-135m-instruct] [--rows 1 32] [--formats float32 int4]
-        [--context 256] [--iterations 50] [--json out.json]
+        [--context 256] [--iterations 50] [--layer-copies N] [--json out.json]
 
 Run as pytest-benchmark tests too: ``python -m pytest scripts/bench_kernels.py --benchmark-enable``.
 """
@@ -24,6 +25,7 @@ Run as pytest-benchmark tests too: ``python -m pytest scripts/bench_kernels.py -
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -81,68 +83,92 @@ def bytes_read_per_call(linear: Linear, rows: int) -> int:
     return linear.nbytes
 
 
+def cycling(calls: Sequence[Callable[[], object]]) -> Callable[[], object]:
+    """A call that runs the next of ``calls`` each time."""
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
+
+
 def decode_layer_ops(
-    config: ModelConfig, fmt: WeightFormat, rows: int, context: int, generator: torch.Generator
+    config: ModelConfig,
+    fmt: WeightFormat,
+    rows: int,
+    context: int,
+    generator: torch.Generator,
+    copies: int = 1,
 ) -> list[LayerOp]:
-    """One decode layer's ops as ``reference.LlamaModel`` runs them, on random weights and activations."""
+    """One decode layer's ops as ``reference.LlamaModel`` runs them, on random weights and activations.
+
+    ``copies`` distinct layers (weights, activations, KV cache), each op taking the next one per call: with
+    as many as the model has layers, data streams from DRAM as in a real step, not from caches the previous
+    call warmed (one SmolLM2 layer's weights fit this machine's last-level cache)."""
     dtype = fmt.activation_dtype
     size = torch.tensor([], dtype=dtype).element_size()
     compute = str(dtype).removeprefix("torch.")
     hidden, mlp, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     heads, kv_heads = config.num_heads, config.num_kv_heads
+    rope = RotaryEmbedding(rope_inverse_frequencies(config), context + 1, dtype)
+    positions = torch.full((rows,), context)
+    rope_elements = rows * (heads + kv_heads) * head_dim
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(dtype)
 
-    def linear(name: str, outs: Sequence[int], inputs: int) -> LayerOp:
+    def linear(name: str, outs: Sequence[int], inputs: int) -> tuple[str, Callable[[], object], OpCost]:
         weights = [torch.randn(out, inputs, generator=generator) * 0.02 for out in outs]
         layer, x = build_linear(weights, fmt), randn(rows, inputs)
         moved = bytes_read_per_call(layer, rows) + rows * (inputs + sum(outs)) * size
-        return LayerOp(name, lambda: layer(x), OpCost(moved, 2 * rows * inputs * sum(outs), compute))
+        return name, lambda: layer(x), OpCost(moved, 2 * rows * inputs * sum(outs), compute)
 
-    def norm(name: str) -> LayerOp:
+    def norm(name: str) -> tuple[str, Callable[[], object], OpCost]:
         x, weight = randn(rows, hidden), randn(hidden)
         cost = OpCost((2 * rows * hidden + hidden) * size, 4 * rows * hidden, compute)
-        return LayerOp(name, lambda: rms_norm(x, weight, config.rms_norm_eps), cost)
+        return name, lambda: rms_norm(x, weight, config.rms_norm_eps), cost
 
-    def residual_add(name: str) -> LayerOp:
+    def residual_add(name: str) -> tuple[str, Callable[[], object], OpCost]:
         x, update = randn(rows, hidden), randn(rows, hidden)
-        return LayerOp(name, lambda: x.add_(update), OpCost(3 * rows * hidden * size, rows * hidden, compute))
+        return name, lambda: x.add_(update), OpCost(3 * rows * hidden * size, rows * hidden, compute)
 
-    rope = RotaryEmbedding(rope_inverse_frequencies(config), context + 1, dtype)
-    qk = randn(rows, heads + kv_heads, head_dim)
-    positions = torch.full((rows,), context)
-    rope_elements = rows * (heads + kv_heads) * head_dim
-    # Decode attention with the query heads of one KV head folded together, as the reference does.
-    queries = randn(rows, kv_heads, heads // kv_heads, head_dim)
-    keys, values = randn(rows, kv_heads, context, head_dim), randn(rows, kv_heads, context, head_dim)
-    gate, up = randn(rows, mlp), randn(rows, mlp)
+    def rope_qk() -> tuple[str, Callable[[], object], OpCost]:
+        qk = randn(rows, heads + kv_heads, head_dim)
+        cost = OpCost((2 * rope_elements + 2 * rows * head_dim) * size, 3 * rope_elements, compute)
+        cos, signed_sin = rope.cos[positions].unsqueeze(1), rope.signed_sin[positions].unsqueeze(1)
+        return "rope_qk", lambda: rope(qk, cos, signed_sin), cost
+
+    def attention() -> tuple[str, Callable[[], object], OpCost]:
+        # Decode attention with the query heads of one KV head folded together, as the reference does.
+        queries = randn(rows, kv_heads, heads // kv_heads, head_dim)
+        keys, values = randn(rows, kv_heads, context, head_dim), randn(rows, kv_heads, context, head_dim)
+        cost = OpCost(
+            (2 * rows * heads * head_dim + 2 * rows * kv_heads * context * head_dim) * size,
+            4 * rows * heads * context * head_dim,
+            compute,
+        )
+        return "attention", lambda: F.scaled_dot_product_attention(queries, keys, values), cost
+
+    def swiglu() -> tuple[str, Callable[[], object], OpCost]:
+        gate, up = randn(rows, mlp), randn(rows, mlp)
+        return "swiglu", lambda: F.silu(gate).mul_(up), OpCost(3 * rows * mlp * size, 5 * rows * mlp, compute)
+
+    def one_layer() -> list[tuple[str, Callable[[], object], OpCost]]:
+        return [
+            norm("attn_norm"),
+            linear("qkv", (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), hidden),
+            rope_qk(),
+            attention(),
+            linear("o", (hidden,), heads * head_dim),
+            residual_add("attn_residual"),
+            norm("mlp_norm"),
+            linear("gate_up", (mlp, mlp), hidden),
+            swiglu(),
+            linear("down", (hidden,), mlp),
+            residual_add("mlp_residual"),
+        ]
+
+    layers = [one_layer() for _ in range(copies)]
     return [
-        norm("attn_norm"),
-        linear("qkv", (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), hidden),
-        LayerOp(
-            "rope_qk",
-            lambda: rope(qk, rope.cos[positions].unsqueeze(1), rope.signed_sin[positions].unsqueeze(1)),
-            OpCost((2 * rope_elements + 2 * rows * head_dim) * size, 3 * rope_elements, compute),
-        ),
-        LayerOp(
-            "attention",
-            lambda: F.scaled_dot_product_attention(queries, keys, values),
-            OpCost(
-                (2 * rows * heads * head_dim + 2 * rows * kv_heads * context * head_dim) * size,
-                4 * rows * heads * context * head_dim,
-                compute,
-            ),
-        ),
-        linear("o", (hidden,), heads * head_dim),
-        residual_add("attn_residual"),
-        norm("mlp_norm"),
-        linear("gate_up", (mlp, mlp), hidden),
-        LayerOp(
-            "swiglu", lambda: F.silu(gate).mul_(up), OpCost(3 * rows * mlp * size, 5 * rows * mlp, compute)
-        ),
-        linear("down", (hidden,), mlp),
-        residual_add("mlp_residual"),
+        LayerOp(name, cycling([layer[index][1] for layer in layers]), cost)
+        for index, (name, _, cost) in enumerate(layers[0])
     ]
 
 
@@ -164,12 +190,14 @@ def measure_cpu(
     rows_list: Sequence[int],
     context: int,
     iterations: int,
+    copies: int,
     cpu: HardwareSpec,
 ) -> list[OpTiming]:
     timings = []
     for fmt in formats:
         for rows in rows_list:
-            for op in decode_layer_ops(config, fmt, rows, context, torch.Generator().manual_seed(0)):
+            generator = torch.Generator().manual_seed(0)
+            for op in decode_layer_ops(config, fmt, rows, context, generator, copies):
                 fastest, median = time_op(op, iterations)
                 point = place(op.cost, fastest, cpu)
                 timings.append(
@@ -292,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--context", type=int, default=256, help="cached tokens each row attends to")
     parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument(
+        "--layer-copies", type=int, help="distinct layers cycled through (default: the model's layer count)"
+    )
     parser.add_argument("--sim-grid", type=int, nargs=2, default=[2, 4], metavar=("ROWS", "COLS"))
     parser.add_argument("--no-simulator", action="store_true", help="skip the TT-Lang simulator report")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -301,10 +332,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if card is None:
         parser.error(f"no model card named {args.model!r}")
     cpu = host_cpu()
-    timings = measure_cpu(
-        card.config, [WeightFormat(f) for f in args.formats], args.rows, args.context, args.iterations, cpu
-    )
-    print(f"{card.name}, one decode layer, context {args.context}, on {cpu.name}: "
+    copies = args.layer_copies or card.config.num_layers
+    formats = [WeightFormat(f) for f in args.formats]
+    timings = measure_cpu(card.config, formats, args.rows, args.context, args.iterations, copies, cpu)
+    print(f"{card.name}, one decode layer ({copies} copies cycled), context {args.context}, on {cpu.name}: "
           f"{cpu.dram_bytes_per_s / 1e9:.1f} GB/s, "
           + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in cpu.peak_flops.items()))  # fmt: skip
     print(format_table(timings))
@@ -326,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model": card.id,
         "context": args.context,
         "iterations": args.iterations,
+        "layer_copies": copies,
         "host_cpu": asdict(cpu),
         "cpu": [asdict(t) for t in timings],
         "simulator": simulated,

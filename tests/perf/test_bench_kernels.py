@@ -20,7 +20,7 @@ def test_smoke(tmp_path: Path) -> None:
     out = tmp_path / "kernels.json"
     results = main(
         ["--formats", "float32", "int4", "--rows", "1", "4", "--context", "32", "--iterations", "2",
-         "--sim-grid", "1", "2", "--json", str(out)]
+         "--layer-copies", "2", "--sim-grid", "1", "2", "--json", str(out)]
     )  # fmt: skip
     for fmt in ("float32", "int4"):
         for rows in (1, 4):
@@ -38,4 +38,5 @@ def test_smoke(tmp_path: Path) -> None:
     assert reports["swiglu"]["dram_bytes"] == 3 * 48 * 2048
     assert reports["swiglu"]["dram_roofline_us"]["n150"] == pytest.approx(3 * 48 * 2048 / 288e3)
     assert results["tt"].startswith("skipped: ")
+    assert results["layer_copies"] == 2
     assert json.loads(out.read_text())["cpu"] == results["cpu"]
