@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import ttl as _ttl_package
 
+from ttedge.kernels.footprint import TILE
+
 SIMULATED: bool = bool(_ttl_package._SIM_ONLY_INSTALL)
 
 if SIMULATED:
@@ -27,9 +29,7 @@ else:  # pragma: no cover - needs tt-lang and a card
 
     ttl = _ttl_package
 
-TILE = 32
 # Bytes of one tile on the card: what the simulator's tile counts weigh in DRAM traffic.
-BFLOAT16_TILE_BYTES = TILE * TILE * 2
 FLOAT32_TILE_BYTES = TILE * TILE * 4
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ttedge.kernels.dsl import BFLOAT16_TILE_BYTES, TILE, device_tensor, host_tensor, pad_rows, ttl, ttnn
+from ttedge.kernels.dsl import TILE, device_tensor, host_tensor, pad_rows, ttl, ttnn
+from ttedge.kernels.footprint import BFLOAT16_TILE_BYTES
 
 TILE_BYTES = BFLOAT16_TILE_BYTES  # every tensor of this kernel is bfloat16
 

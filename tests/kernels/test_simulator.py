@@ -19,12 +19,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from ttedge.kernels import golden
+from ttedge.kernels import footprint, golden
 from ttedge.kernels.simulation import KernelCase, Simulator, SimulatorRun
 from ttedge.perf.hardware import WORMHOLE_N150
 
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
-TILE_BYTES_BFLOAT16 = 32 * 32 * 2
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +161,19 @@ def test_acceptance_golden_matches_speculative_verify() -> None:
         assert accepted == loop
 
 
-def test_l1_use_is_the_dataflow_buffers(simulator: Simulator) -> None:
-    """SwiGLU with one-tile blocks holds 3 double-buffered bfloat16 tiles per node; SmolLM2's fused norm fits
-    a Wormhole core's L1 with room to spare, a 2048-wide hidden (Llama-3.2-1B) does not: beyond that width
-    the port keeps ttnn's norm."""
-    swiglu = simulator.run(
-        KernelCase("swiglu", (1, 1), {"gate": torch.ones(32, 32), "up": torch.ones(32, 32)})
-    )
-    assert swiglu.l1_bytes_per_node == 3 * 2 * TILE_BYTES_BFLOAT16
+@pytest.mark.parametrize("block", [(1, 1), (2, 3)])
+def test_swiglu_footprint_is_what_the_simulator_allocates(
+    simulator: Simulator, block: tuple[int, int]
+) -> None:
+    inputs = {"gate": torch.ones(64, 96), "up": torch.ones(64, 96)}
+    params = {"block_rows": block[0], "block_cols": block[1]}
+    swiglu = simulator.run(KernelCase("swiglu", (1, 1), inputs, params))
+    assert swiglu.l1_bytes_per_node == footprint.swiglu_l1_bytes(*block) == 6 * block[0] * block[1] * 2048
+
+
+def test_norm_footprint_is_what_the_simulator_allocates(simulator: Simulator) -> None:
+    """SmolLM2's fused norm fits a core's L1 with room to spare, a 2048-wide hidden (Llama-3.2-1B) does not:
+    beyond that width the port keeps ttnn's norm (``ttedge.models.llama.tt.ttlang``)."""
 
     def norm_l1(hidden: int) -> int:
         inputs = {
@@ -178,6 +182,7 @@ def test_l1_use_is_the_dataflow_buffers(simulator: Simulator) -> None:
             "weight": torch.ones(hidden),
         }
         run = simulator.run(KernelCase("residual_rmsnorm", (1, 1), inputs, {"eps": 1e-5}))
+        assert run.l1_bytes_per_node == footprint.residual_rmsnorm_l1_bytes(hidden)
         return run.l1_bytes_per_node
 
     assert norm_l1(576) < WORMHOLE_N150.dataflow_buffer_budget_bytes / 2
