@@ -8,8 +8,9 @@ the TT-Lang kernels in the simulator.
   per format; the other ops per activation dtype) and each ``--rows`` (tokens in the step). Each op is timed
   ``--iterations`` times back to back, cycling through as many distinct layers as the model has (so weights
   and KV cache come from DRAM, as in a real step); the fastest is reported (the least disturbed on a shared
-  machine), the median is in the JSON. Time, achieved GB/s and GFLOP/s, and % of the roofline of this CPU, measured
-  at start (``ttedge.perf.hardware.host_cpu``): bytes are each input read and each output written once.
+  machine), the median is in the JSON. Time, achieved GB/s and GFLOP/s, and % of the roofline of this CPU,
+  measured at start (``ttedge.perf.hardware.host_cpu``): bytes are each input read and each output written
+  once.
 - TT-Lang kernels (unless ``--no-simulator``): each kernel at the layer's decode shapes (32 rows) in
   tt-lang-sim, with what its trace says: tiles read and written per tensor, DRAM bytes, dataflow-buffer
   tiles and L1 bytes per node, and the least time those DRAM bytes take on each card's bandwidth. The
