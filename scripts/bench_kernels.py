@@ -6,11 +6,11 @@ the TT-Lang kernels in the simulator.
   ``--context`` cached tokens, the O projection, the residual add, RMSNorm, the fused gate/up projection,
   SiLU-and-multiply, the down projection, the residual add -- at each CPU weight format (projections differ
   per format; the other ops per activation dtype) and each ``--rows`` (tokens in the step). Each op is timed
-  ``--iterations`` times back to back, cycling through as many distinct layers as the model has (so weights
-  and KV cache come from DRAM, as in a real step); the fastest is reported (the least disturbed on a shared
-  machine), the median is in the JSON. Time, achieved GB/s and GFLOP/s, and % of the roofline of this CPU,
-  measured at start (``ttedge.perf.hardware.host_cpu``): bytes are each input read and each output written
-  once.
+  ``--iterations`` times, the layer's ops in turn, cycling through as many distinct layers as the model has
+  (so weights and KV cache come from DRAM, as in a real step); the fastest is reported (the least disturbed
+  on a shared machine), the median is in the JSON. Time, achieved GB/s and GFLOP/s, and % of the roofline
+  of this CPU, measured at start (``ttedge.perf.hardware.host_cpu``): bytes are each input read and each
+  output written once.
 - TT-Lang kernels (unless ``--no-simulator``): each kernel at the layer's decode shapes (32 rows) in
   tt-lang-sim, with what its trace says: tiles read and written per tensor, DRAM bytes, dataflow-buffer
   tiles and L1 bytes per node, and the least time those DRAM bytes take on each card's bandwidth. The
@@ -173,16 +173,19 @@ def decode_layer_ops(
     ]
 
 
-def time_op(op: LayerOp, iterations: int) -> tuple[float, float]:
-    """(fastest, median) seconds of ``iterations`` back-to-back calls, after one warm-up call."""
+def time_round_robin(ops: Sequence[LayerOp], iterations: int) -> dict[str, tuple[float, float]]:
+    """(fastest, median) seconds per op over ``iterations`` rounds of the ops in turn, after one warm-up
+    round: whatever else loads the machine then hits every op alike."""
+    samples: dict[str, list[float]] = {op.name: [] for op in ops}
     with torch.inference_mode():
-        op.run()
-        samples = []
-        for _ in range(iterations):
-            started = time.perf_counter()
+        for op in ops:
             op.run()
-            samples.append(time.perf_counter() - started)
-    return min(samples), statistics.median(samples)
+        for _ in range(iterations):
+            for op in ops:
+                started = time.perf_counter()
+                op.run()
+                samples[op.name].append(time.perf_counter() - started)
+    return {name: (min(times), statistics.median(times)) for name, times in samples.items()}
 
 
 def measure_cpu(
@@ -197,9 +200,10 @@ def measure_cpu(
     timings = []
     for fmt in formats:
         for rows in rows_list:
-            generator = torch.Generator().manual_seed(0)
-            for op in decode_layer_ops(config, fmt, rows, context, generator, copies):
-                fastest, median = time_op(op, iterations)
+            ops = decode_layer_ops(config, fmt, rows, context, torch.Generator().manual_seed(0), copies)
+            times = time_round_robin(ops, iterations)
+            for op in ops:
+                fastest, median = times[op.name]
                 point = place(op.cost, fastest, cpu)
                 timings.append(
                     OpTiming(
