@@ -15,7 +15,10 @@ the TT-Lang kernels in the simulator.
   tt-lang-sim, with what its trace says: tiles read and written per tensor, DRAM bytes, dataflow-buffer
   tiles and L1 bytes per node, and the least time those DRAM bytes take on each card's bandwidth. The
   simulator's wall time is not a speed: it is Python executing every tile.
-- TT (a card and ttnn present): not measured by this script yet; it says why in the report.
+- TT (a card and ttnn present; ``bash scripts/setup_tt.sh --with-torch``, then ``.venv-tt/bin/python``): the
+  port's decode layer for 32 users, op by op (norm, attention, residual+norm, w1, w3, SiLU-multiply, w2,
+  residual add) in the card preset ``--tt-preset``, each timed to the end of ``ttnn.synchronize_device``
+  (device time plus dispatch), against the card's roofline; otherwise it says why it skipped.
 
     python scripts/bench_kernels.py [--model smollm2-135m-instruct] [--rows 1 32] [--formats float32 int4]
         [--context 256] [--iterations 50] [--layer-copies N] [--json out.json]
@@ -29,6 +32,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -43,15 +47,17 @@ import torch.nn.functional as F
 
 from ttedge.config import ModelConfig
 from ttedge.kernels.simulation import KernelCase, Simulator, SimulatorRun
-from ttedge.model_zoo import find_card
+from ttedge.model_zoo import ModelCard, find_card
 from ttedge.models.llama.linear import AutoLinear, Linear, WeightFormat, build_linear
 from ttedge.models.llama.reference import RotaryEmbedding, rms_norm, rope_inverse_frequencies
 from ttedge.perf.hardware import CARDS, HardwareSpec, host_cpu
 from ttedge.perf.roofline import OpCost, place
-from ttedge.runtime.tt_host import check_tt_device
+from ttedge.runtime.base import DeviceUnavailable
+from ttedge.runtime.tt_host import MOCK_CLUSTER_VARIABLE, check_tt_device
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SIMULATOR_ROWS = 32  # one decode step of 32 users: one tile row
+BATCH = 32  # the TT port's decode users per step
 
 
 @dataclass(frozen=True)
@@ -197,31 +203,33 @@ def measure_cpu(
     copies: int,
     cpu: HardwareSpec,
 ) -> list[OpTiming]:
-    timings = []
+    timings: list[OpTiming] = []
     for fmt in formats:
         for rows in rows_list:
             ops = decode_layer_ops(config, fmt, rows, context, torch.Generator().manual_seed(0), copies)
             times = time_round_robin(ops, iterations)
-            for op in ops:
-                fastest, median = times[op.name]
-                point = place(op.cost, fastest, cpu)
-                timings.append(
-                    OpTiming(
-                        op=op.name,
-                        weight_format=fmt.value,
-                        rows=rows,
-                        seconds=fastest,
-                        median_seconds=median,
-                        bytes_moved=op.cost.bytes_moved,
-                        flops=op.cost.flops,
-                        achieved_gb_per_s=point.achieved_bytes_per_s / 1e9,
-                        achieved_gflop_per_s=point.achieved_flops / 1e9,
-                        roofline_seconds=point.roofline_seconds,
-                        bound=point.bound,
-                        percent_of_roofline=point.percent_of_roofline,
-                    )
-                )
+            timings.extend(timing_row(op.name, fmt.value, rows, *times[op.name], op.cost, cpu) for op in ops)
     return timings
+
+
+def timing_row(
+    op: str, weight_format: str, rows: int, fastest: float, median: float, cost: OpCost, spec: HardwareSpec
+) -> OpTiming:
+    point = place(cost, fastest, spec)
+    return OpTiming(
+        op=op,
+        weight_format=weight_format,
+        rows=rows,
+        seconds=fastest,
+        median_seconds=median,
+        bytes_moved=cost.bytes_moved,
+        flops=cost.flops,
+        achieved_gb_per_s=point.achieved_bytes_per_s / 1e9,
+        achieved_gflop_per_s=point.achieved_flops / 1e9,
+        roofline_seconds=point.roofline_seconds,
+        bound=point.bound,
+        percent_of_roofline=point.percent_of_roofline,
+    )
 
 
 def kernel_cases(config: ModelConfig, grid: tuple[int, int]) -> list[KernelCase]:
@@ -269,12 +277,30 @@ def simulator_report(run: SimulatorRun, kernel: str) -> dict[str, Any]:
     }
 
 
-def tt_status() -> str:
+def measure_tt(
+    card: ModelCard, preset: str, context: int, iterations: int, ttlang_kernels: bool
+) -> tuple[str, list[OpTiming]]:
+    """The port's decode layer on the card, op by op (``ttedge.models.llama.tt.op_timing``), or why not."""
     try:
         check_tt_device()
-    except Exception as missing:
-        return f"skipped: {missing}"
-    return "skipped: timing ttnn ops on a card is not implemented in this script yet"
+    except DeviceUnavailable as missing:
+        return f"skipped: {missing}", []
+    if os.environ.get(MOCK_CLUSTER_VARIABLE):
+        return f"skipped: {MOCK_CLUSTER_VARIABLE} points ttnn at a mock cluster, which computes nothing", []
+    import ttnn
+
+    from ttedge.models.llama.tt.op_timing import card_of, decode_layer_ops, time_ops
+    from ttedge.runtime.tt import open_tt_device
+
+    mesh = open_tt_device()
+    try:
+        spec = card_of(mesh)
+        ops = decode_layer_ops(mesh, card.config, card.tt.preset(preset), context, ttlang_kernels)
+        timed = time_ops(mesh, ops, iterations)
+    finally:
+        ttnn.close_device(mesh)
+    status = f"measured on {spec.name}: each op from its call to the end of ttnn.synchronize_device"
+    return status, [timing_row(t.op, preset, BATCH, t.seconds, t.median_seconds, t.cost, spec) for t in timed]
 
 
 def format_table(timings: Sequence[OpTiming]) -> str:
@@ -330,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--sim-grid", type=int, nargs=2, default=[2, 4], metavar=("ROWS", "COLS"))
     parser.add_argument("--no-simulator", action="store_true", help="skip the TT-Lang simulator report")
+    parser.add_argument("--tt-preset", default="performance", help="the card's precision preset on TT")
+    parser.add_argument(
+        "--ttlang-kernels",
+        action="store_true",
+        help="on TT, the port's TT-Lang kernels where tt-lang is installed",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -355,8 +387,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "(card columns: the least time the kernel's DRAM traffic takes at that card's bandwidth)"
         )
         print(format_simulator_table(simulated))
-    tt = tt_status()
-    print(f"\nTT (ttnn on a card): {tt}")
+    tt, tt_timings = measure_tt(card, args.tt_preset, args.context, args.iterations, args.ttlang_kernels)
+    print(f"\nTT (ttnn on a card), one decode layer of {BATCH} users, preset {args.tt_preset}: {tt}")
+    if tt_timings:
+        print(format_table(tt_timings))
 
     results = {
         "model": card.id,
@@ -367,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cpu": [asdict(t) for t in timings],
         "simulator": simulated,
         "tt": tt,
+        "tt_ops": [asdict(t) for t in tt_timings],
     }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
