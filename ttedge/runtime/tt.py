@@ -77,11 +77,12 @@ class TtDeviceRunner:
         preset: PrecisionPreset,
         num_blocks: int,
         max_model_len: int,
+        ttlang_kernels: bool = False,
     ):
         self.config = config
         self.max_model_len = max_model_len
         self.pages = PageTables(num_blocks, blocks_needed(max_model_len))
-        self.model = Transformer(mesh, config, tensors, preset, self.pages.device_blocks)
+        self.model = Transformer(mesh, config, tensors, preset, self.pages.device_blocks, ttlang_kernels)
 
     def forward(self, inputs: Sequence[StepInput]) -> list[np.ndarray]:
         """Logits per input, float32 ``[n, vocab_size]``: ``n = len(token_ids)`` with ``all_logits``,
@@ -151,14 +152,16 @@ class TtModelRunner:
         preset: PrecisionPreset,
         kv_cache_bytes: int,
         max_model_len: int | None = None,
+        ttlang_kernels: bool = False,
     ) -> TtModelRunner:
+        """``ttlang_kernels``: the port's TT-Lang kernels where tt-lang is installed (``Transformer``)."""
         config = checkpoint.config
         check_config(config)  # before converting every weight
         # The port prepares weights from float32 numpy arrays (ttedge/models/llama/tt/weights.py).
         tensors = {name: source.load().float().numpy() for name, source in checkpoint.tensors.items()}
         context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         num_blocks = kv_cache_blocks(config, preset.kv_cache, kv_cache_bytes)
-        return cls(TtDeviceRunner(mesh, config, tensors, preset, num_blocks, context))
+        return cls(TtDeviceRunner(mesh, config, tensors, preset, num_blocks, context, ttlang_kernels))
 
     def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
         import torch

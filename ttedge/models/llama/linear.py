@@ -331,10 +331,12 @@ class AutoLinear(Linear):
     def nbytes(self) -> int:
         return self.small.nbytes + self.large.nbytes
 
+    def part_for(self, elements: int) -> Linear:
+        """The copy that runs on an input of ``elements`` elements."""
+        return self.small if elements <= self._max_small_elements else self.large
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= self._max_small_elements:
-            return self.small.forward(x)
-        return self.large.forward(x)
+        return self.part_for(x.numel()).forward(x)
 
 
 def build_lm_head(weight: WeightSource, fmt: WeightFormat | str) -> Linear:

@@ -9,6 +9,7 @@ from ttedge.models.llama.tt.attention import Attention, DecodeInputs, PrefillInp
 from ttedge.models.llama.tt.mlp import MLP
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
+from ttedge.models.llama.tt.ttlang import TTNN_ONLY, KernelChoice, ResidualNorm
 from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes
 
 
@@ -21,18 +22,21 @@ class DecoderLayer:
         layer: HostLayer,
         dtypes: WeightDtypes,
         num_blocks: int,
+        kernels: KernelChoice = TTNN_ONLY,
     ):
         self.attn_norm = RMSNorm(mesh, layer.attn_norm, config.rms_norm_eps)
         self.attention = Attention(mesh, spec, config, layer, dtypes, num_blocks)
-        self.mlp_norm = RMSNorm(mesh, layer.mlp_norm, config.rms_norm_eps)
-        self.mlp = MLP(mesh, spec, layer, dtypes)
+        # The residual add after attention and the MLP's norm: one TT-Lang kernel in decode when chosen.
+        self.mlp_norm = ResidualNorm(mesh, layer.mlp_norm, config.rms_norm_eps, kernels.residual_rmsnorm)
+        self.mlp = MLP(mesh, spec, layer, dtypes, kernels.swiglu)
 
     def __call__(self, x: ttnn.Tensor, step: DecodeInputs) -> ttnn.Tensor:
-        h = ttnn.add(x, self.attention(self.attn_norm(x), step), memory_config=ACTIVATIONS_MEMORY)
-        return ttnn.add(h, self.mlp(self.mlp_norm(h)), memory_config=ACTIVATIONS_MEMORY)
+        h, normed = self.mlp_norm(x, self.attention(self.attn_norm(x), step))
+        return ttnn.add(h, self.mlp(normed), memory_config=ACTIVATIONS_MEMORY)
 
     def prefill(self, x: ttnn.Tensor, step: PrefillInputs) -> ttnn.Tensor:
         h = ttnn.add(
             x, self.attention.prefill(self.attn_norm(x, PREFILL_MEMORY), step), memory_config=PREFILL_MEMORY
         )
-        return ttnn.add(h, self.mlp.prefill(self.mlp_norm(h, PREFILL_MEMORY)), memory_config=PREFILL_MEMORY)
+        normed = self.mlp_norm.norm(h, PREFILL_MEMORY)
+        return ttnn.add(h, self.mlp.prefill(normed), memory_config=PREFILL_MEMORY)

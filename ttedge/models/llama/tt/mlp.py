@@ -6,24 +6,26 @@ import ttnn
 
 from ttedge.models.llama.tt.linear import DramShardedLinear
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, PREFILL_MEMORY, DeviceSpec
+from ttedge.models.llama.tt.ttlang import SiluMultiply
 from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes
 
 
 class MLP:
-    def __init__(self, mesh: ttnn.MeshDevice, spec: DeviceSpec, layer: HostLayer, dtypes: WeightDtypes):
+    def __init__(
+        self,
+        mesh: ttnn.MeshDevice,
+        spec: DeviceSpec,
+        layer: HostLayer,
+        dtypes: WeightDtypes,
+        swiglu_kernel: bool = False,
+    ):
         self.w1 = DramShardedLinear(mesh, spec, layer.w1, dtypes.w1_w3)
         self.w3 = DramShardedLinear(mesh, spec, layer.w3, dtypes.w1_w3)
         self.w2 = DramShardedLinear(mesh, spec, layer.w2, dtypes.w2)
+        self.silu_multiply = SiluMultiply(mesh, swiglu_kernel)
 
     def __call__(self, x: ttnn.Tensor) -> ttnn.Tensor:
-        # Gate and up come back sharded alike, so the multiply runs shard by shard; SiLU rides on its first
-        # input instead of costing an op of its own.
-        gated = ttnn.mul(
-            self.w1(x),
-            self.w3(x),
-            input_tensor_a_activations=[ttnn.UnaryOpType.SILU],
-            memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
-        )
+        gated = self.silu_multiply(self.w1(x), self.w3(x))
         return ttnn.sharded_to_interleaved(self.w2(gated), ACTIVATIONS_MEMORY)
 
     def prefill(self, x: ttnn.Tensor) -> ttnn.Tensor:

@@ -24,6 +24,7 @@ from ttedge.models.llama.tt.model_config import (
 )
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
 from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
+from ttedge.models.llama.tt.ttlang import choose_kernels
 from ttedge.models.llama.tt.weights import WeightDtypes, host_tensor, pad_to_tile, prepare_model
 
 
@@ -43,7 +44,10 @@ class Transformer:
         tensors: Mapping[str, np.ndarray],
         preset: PrecisionPreset,
         num_blocks: int,
+        ttlang_kernels: bool = False,
     ):
+        """``ttlang_kernels`` runs the decode layer's residual+RMSNorm and SwiGLU as TT-Lang kernels where
+        tt-lang is installed (``ttlang.choose_kernels``; ttnn ops otherwise, the choice logged)."""
         host = prepare_model(config, tensors)
         self.mesh = mesh
         self.config = config
@@ -51,8 +55,11 @@ class Transformer:
         freq_factors = tensors.get("rope.freq_factors")
         self.rope = RotarySetup(mesh, spec, config, inverse_frequencies(config, freq_factors))
         self.embedding = Embedding(mesh, host.embed)
+        self.kernels = choose_kernels(ttlang_kernels, config)
         self.layers = [
-            DecoderLayer(mesh, spec, config, layer, WeightDtypes.from_preset(preset, i), num_blocks)
+            DecoderLayer(
+                mesh, spec, config, layer, WeightDtypes.from_preset(preset, i), num_blocks, self.kernels
+            )
             for i, layer in enumerate(host.layers)
         ]
         self.norm = RMSNorm(mesh, host.norm, config.rms_norm_eps)

@@ -1,0 +1,10 @@
+"""Custom TT-Lang kernels (installed as ``ttedge.kernels``), each with a torch golden in ``golden.py``:
+
+- ``residual_rmsnorm``: the residual add and the RMSNorm after it, fused;
+- ``swiglu``: ``silu(gate) * up``;
+- ``rotary``: rotary position embedding, Hugging Face's rotate-half convention;
+- ``speculative_acceptance``: the accepted length of each sequence's draft, for greedy verification.
+
+Importing this package imports neither TT-Lang nor its simulator: a kernel module needs one of them
+(``dsl.py``), ``golden.py`` only torch, ``simulation.py`` runs kernels in the simulator in a worker process.
+"""

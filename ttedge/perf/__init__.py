@@ -1,0 +1,1 @@
+"""Hardware specifications and, later, the roofline and capacity planner."""
