@@ -30,7 +30,11 @@ QUESTIONS = [
 @pytest.fixture(scope="module", params=["prompt-lookup", "self:0-5"])
 def loaded(request: pytest.FixtureRequest) -> LoadedEngine:
     settings = EngineSettings(
-        model=str(smollm2_gguf_path()), weight_format="int4", draft=request.param, kv_cache_mb=64
+        model=str(smollm2_gguf_path()),
+        weight_format="int4",
+        draft=request.param,
+        kv_cache_mb=64,
+        batch_invariant=True,
     )
     return load_engine(settings)
 

@@ -152,3 +152,20 @@ def test_requests_pick_their_strategy_and_unavailable_ones_are_refused(parts, bi
         tiny_engine(parts).add_request(PROMPTS[0], GREEDY, strategy=Strategy.SPECULATIVE)
     with pytest.raises(ValueError, match="needs a small model"):
         CollabConfig(PromptLookupDrafter(), default_strategy=Strategy.ROUTED)
+
+
+def test_drafts_never_push_a_decode_step_past_the_backends_cheap_rows(parts, big):
+    engine = make_engine(parts, Strategy.SPECULATIVE, layers=[0, 1], num_draft_tokens=4, adaptive=False)
+    engine.runner.cheap_rows = 6
+    widths: list[int] = []
+    run = engine.runner.run
+
+    def recording_run(inputs):
+        widths.append(sum(len(i.token_ids) for i in inputs))
+        return run(inputs)
+
+    engine.runner.run = recording_run  # type: ignore[method-assign]
+    assert outputs(engine, PROMPTS[:3]) == big[:3]
+    decode_widths = [w for w in widths if w < 16]  # the prompts' prefill is wider anyway
+    assert max(decode_widths) == 6  # three decoding sequences, three drafts between them
+    assert engine.stats().collab.draft_tokens > 0

@@ -244,6 +244,16 @@ class Engine:
         preempts anyone). One batched call of the drafter for the whole step."""
         drafts = [Draft() for _ in chunks]
         wanted = [(i, n) for i, c in enumerate(chunks) if (n := self._draft_budget(c))]
+        cheap_rows, rows = self.runner.cheap_rows, sum(c.num_tokens for c in chunks)
+        if cheap_rows is not None and rows <= cheap_rows:
+            # Drafts fill the rows left below the threshold and no more: one row past it costs the whole
+            # step the slower kernel. A step already past it (a prefill chunk) takes drafts freely.
+            spare, capped = cheap_rows - rows, []
+            for i, n in wanted:
+                if min(n, spare):
+                    capped.append((i, min(n, spare)))
+                    spare -= min(n, spare)
+            wanted = capped
         if not wanted:
             return drafts
         assert self.collab is not None  # a budget needs a drafting strategy

@@ -39,6 +39,10 @@ class ModelRunner(Protocol):
     config: ModelConfig
     allocator: BlockAllocator
     max_model_len: int
+    # The most rows a step takes before the backend switches to a kernel that costs more per step (CPU
+    # ``auto``: int4 up to 8 rows, bfloat16 above); drafts are not allowed to push a step past it. None =
+    # no such threshold.
+    cheap_rows: int | None
 
     def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
         """One forward over every input; returns float32 logits per input, ``[n, vocab]`` with

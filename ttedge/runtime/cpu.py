@@ -6,6 +6,7 @@ import torch
 
 from ttedge.config import ModelConfig
 from ttedge.models.llama.batch import BatchLayout, SequenceChunk
+from ttedge.models.llama.linear import AUTO_INT4_MAX_ROWS, WeightFormat
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import StepInput
 from ttedge.runtime.kv_cache import BLOCK_SIZE, BlockAllocator, CpuKVCache, KVCacheSpec
@@ -29,6 +30,7 @@ class CpuModelRunner:
             )
         self.cache = CpuKVCache(spec, num_blocks)
         self.allocator = BlockAllocator(num_blocks)
+        self.cheap_rows = AUTO_INT4_MAX_ROWS if model.weight_format is WeightFormat.auto else None
         self.max_model_len = min(
             max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings
         )

@@ -142,6 +142,9 @@ class TtModelRunner:
         self.device = device
         self.config: ModelConfig = device.config
         self.max_model_len = device.max_model_len
+        # Verification runs as decode steps of the padded 32-user batch, position by position: extra rows
+        # do not widen a step.
+        self.cheap_rows: int | None = None
         self.allocator = BlockAllocator(device.pages.num_blocks)
 
     @classmethod
