@@ -543,7 +543,7 @@ def save_draft(
     adapter: ExitAdapter,
     subset: LayerSubset,
     target_id: str,
-    config_text: str,
+    target_fingerprint: str,
     metadata: dict[str, object],
 ) -> None:
     """The adapter's tensors in bfloat16 and the draft's description, as load_self_draft reads it."""
@@ -555,7 +555,7 @@ def save_draft(
     header = {
         "format": FILE_FORMAT,
         "target": target_id,
-        "target_fingerprint": config_text,
+        "target_fingerprint": target_fingerprint,
         "layer_indices": json.dumps(list(subset)),
         "adapter_kind": ADAPTER_KIND,
         "adapter_rank": str(adapter.rank),
