@@ -2,9 +2,11 @@
 
 A card says what a checkpoint of the model must look like (the architecture numbers of its
 ``config.json``), how to run it on Tenstorrent hardware (precision presets, mesh shapes and, where
-Tenstorrent publishes them, measured speeds), which smaller zoo models can draft for it, and where a
-copy may already sit on disk. Checkpoint loaders use :func:`match_card` to recognise a checkpoint
-by its numbers and :func:`check_against_card` to catch one that is not what its name claims.
+Tenstorrent publishes them, measured speeds), which smaller zoo models can draft for it, which
+self-speculative draft (a subset of its own layers and an exit adapter, a file in ``drafts/``) ships
+for it, and where a copy may already sit on disk. Checkpoint loaders use :func:`match_card` to
+recognise a checkpoint by its numbers and :func:`check_against_card` to catch one that is not what its
+name claims.
 
 Cards are data, not code: a malformed card raises :class:`CardError` naming the file and the key,
 so a typo in a card fails loudly instead of silently changing what the runtime believes.
@@ -28,6 +30,8 @@ else:
     import tomli as tomllib
 
 CARDS_DIR = Path(__file__).parent / "cards"
+# Self-speculative drafts (ttedge/collab/exit_adapter.py), made by scripts/train_draft.py.
+DRAFTS_DIR = Path(__file__).parent / "drafts"
 
 TOKENIZER_FAMILIES = ("gpt2-bpe-smollm", "llama-spm", "llama3-bpe")
 CHAT_TEMPLATES = ("chatml", "zephyr", "llama3")
@@ -131,6 +135,7 @@ class ModelCard:
     config: ModelConfig  # the card's architecture, named by the card id
     drafts: tuple[str, ...]  # card ids, best first
     draft_note: str
+    self_draft: str | None  # a file name in DRAFTS_DIR
     tt: TTGuide
     packaged: tuple[PackagedCheckpoint, ...]
     sources: tuple[str, ...]
@@ -140,6 +145,15 @@ class ModelCard:
     def names(self) -> tuple[str, ...]:
         """Every name the card answers to: id, display name, HF repo (with and without org), aliases."""
         return (self.id, self.name, self.hf_repo, self.hf_repo.rsplit("/", 1)[-1], *self.aliases)
+
+
+def self_draft_path(card_id: str) -> Path | None:
+    """The self-speculative draft file shipped for the card ``card_id``, or None when there is none.
+    Read it with ``ttedge.collab.exit_adapter.load_self_draft``."""
+    card = _zoo(CARDS_DIR).cards.get(card_id)
+    if card is None:
+        raise KeyError(f"no model card {card_id!r}")
+    return None if card.self_draft is None else DRAFTS_DIR / card.self_draft
 
 
 def load_cards(directory: Path | None = None) -> dict[str, ModelCard]:
@@ -216,6 +230,7 @@ def load_card_file(path: Path) -> ModelCard:
         config=config,
         drafts=drafts,
         draft_note=draft_note,
+        self_draft=_read_self_draft(root),
         tt=_read_tt(root.table("tt"), config),
         packaged=tuple(_read_packaged(entry) for entry in root.tables("packaged")),
         sources=root.texts("sources"),
@@ -248,6 +263,18 @@ def _zoo(directory: Path) -> _Zoo:
     for card in cards.values():
         _check_drafts(card, cards)
     return _Zoo(cards, by_name)
+
+
+def _read_self_draft(root: _Reader) -> str | None:
+    name = root.optional_text("self_draft")
+    if not name:
+        return None
+    # The zoo's own directory, not one next to the card: drafts ship with the package.
+    if Path(name).name != name or not name.endswith(".safetensors"):
+        raise root.error("self_draft", f"expected a .safetensors file name in {DRAFTS_DIR}, got {name!r}")
+    if not (DRAFTS_DIR / name).is_file():
+        raise root.error("self_draft", f"no file {name!r} in {DRAFTS_DIR}")
+    return name
 
 
 def _check_drafts(card: ModelCard, cards: dict[str, ModelCard]) -> None:

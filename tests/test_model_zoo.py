@@ -277,3 +277,27 @@ def test_cards_are_cached_but_handed_out_as_fresh_dicts():
     first.clear()
     assert set(model_zoo.load_cards()) == EXPECTED_IDS
     assert model_zoo.load_cards()["smollm2-135m-instruct"] is CARDS["smollm2-135m-instruct"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('"nope.safetensors"', r"no file 'nope\.safetensors' in .*drafts"),
+        ('"../cards/smollm2-135m-instruct.toml"', r"expected a \.safetensors file name"),
+    ],
+)
+def test_self_draft_must_name_a_shipped_file(tmp_path: Path, value: str, message: str):
+    path = copy_zoo(tmp_path) / "smollm2-135m-instruct.toml"
+    edit(path, f'self_draft = "{CARDS["smollm2-135m-instruct"].self_draft}"', f"self_draft = {value}")
+    with pytest.raises(model_zoo.CardError, match=rf"\[self_draft\]: {message}"):
+        model_zoo.load_card_file(path)
+
+
+def test_self_draft_of_the_default_model():
+    path = model_zoo.self_draft_path("smollm2-135m-instruct")
+    assert path is not None and path.parent == model_zoo.DRAFTS_DIR and path.is_file()
+    assert all(
+        model_zoo.self_draft_path(card_id) is None for card_id in EXPECTED_IDS - {"smollm2-135m-instruct"}
+    )
+    with pytest.raises(KeyError, match="no model card 'smollm2-42m'"):
+        model_zoo.self_draft_path("smollm2-42m")
