@@ -63,8 +63,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     collab = parser.add_argument_group("big-little collaboration (docs/speculative.md)")
     collab.add_argument(
         "--draft",
-        help="the drafter or small model: prompt-lookup, self:LAYERS (the model's own layers, e.g. "
-        "self:0-5,29) or a checkpoint path sharing the vocabulary (default: none)",
+        help="the drafter or small model: prompt-lookup; self (the trained self-draft shipped for the "
+        "model); self:LAYERS (the model's own layers, e.g. self:0-5,29); a self-draft .safetensors file; "
+        "or a checkpoint sharing the vocabulary (default: none)",
     )
     collab.add_argument(
         "--strategy",

@@ -7,13 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.tiny_checkpoints import random_state_dict, tiny_config, write_hf_checkpoint
+from tests.fixtures.tiny_checkpoints import (
+    random_state_dict,
+    smollm2_gguf_path,
+    tiny_config,
+    write_hf_checkpoint,
+)
 from ttedge.bootstrap import load_engine
 from ttedge.checkpoint import load_checkpoint
 from ttedge.collab.draft_models import DraftSpecError, build_drafter, parse_draft_spec
 from ttedge.collab.drafters import PromptLookupDrafter
 from ttedge.collab.model_drafter import ModelDrafter
 from ttedge.config import ConfigError, EngineSettings
+from ttedge.engine.sampling import SamplingParams
 from ttedge.models.llama.reference import LlamaModel
 
 
@@ -25,6 +31,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_specs_name_lookup_layers_or_a_checkpoint(tiny_checkpoint: Path):
     assert not parse_draft_spec("prompt-lookup").needs_model
+    assert parse_draft_spec("self").shipped
     assert parse_draft_spec("self:0-2,7,9-10").layers == (0, 1, 2, 7, 9, 10)
     assert parse_draft_spec(str(tiny_checkpoint)).path == tiny_checkpoint
 
@@ -61,6 +68,23 @@ def test_self_draft_shares_the_big_models_weights(tiny_checkpoint: Path):
     )
     with pytest.raises(DraftSpecError, match="the model has layers 0-3"):
         build_drafter(parse_draft_spec("self:2-4"), checkpoint, target, "float32", 8)
+
+
+def test_a_model_without_a_shipped_self_draft_says_so(tiny_checkpoint: Path):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(DraftSpecError, match="no self-draft ships for this model"):
+        build_drafter(parse_draft_spec("self"), checkpoint, None, "float32", 8)
+
+
+@pytest.mark.slow
+def test_the_shipped_self_draft_drafts_for_smollm2():
+    loaded = load_engine(EngineSettings(model=str(smollm2_gguf_path()), draft="self", kv_cache_mb=16))
+    engine = loaded.engine
+    assert engine.collab is not None and engine.collab.small_model is not None
+    assert engine.collab.small_model.runner.model.exit_adapter is not None  # type: ignore[attr-defined]
+    prompt = loaded.tokenizer.encode("The capital of France is")
+    engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))
+    assert engine.stats().collab.draft_tokens > 0
 
 
 def test_a_draft_with_another_vocabulary_is_refused(tiny_checkpoint: Path, tmp_path: Path):

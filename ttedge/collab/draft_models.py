@@ -1,8 +1,11 @@
 """Which drafter ``--draft`` names, and how it is built beside the big model.
 
 - ``prompt-lookup``: n-gram lookup in the context, no model.
+- ``self``: the self-speculative draft shipped for the big model's card (``model_zoo/drafts/``): some of
+  its layers and a trained exit adapter, sharing its weights.
 - ``self:LAYERS``: the big model's own layers ``LAYERS`` (``0-5,29``), sharing its weights on CPU;
-  the self-speculative draft with no exit adapter.
+  a self-draft with no exit adapter.
+- ``PATH.safetensors``: a self-draft file made by ``scripts/train_draft.py``.
 - ``PATH``: another checkpoint (a ``.gguf`` file or a Hugging Face directory) with the big model's
   vocabulary: a separate small model.
 
@@ -16,14 +19,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttedge import model_zoo
 from ttedge.checkpoint import load_checkpoint
 from ttedge.checkpoint.base import Checkpoint
 from ttedge.collab.drafters import Drafter, PromptLookupDrafter
+from ttedge.collab.exit_adapter import load_self_draft
 from ttedge.collab.model_drafter import ModelDrafter
+from ttedge.config import ModelConfig
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.cpu import CpuModelRunner
 from ttedge.runtime.kv_cache import KVCacheSpec
 
+SHIPPED_SELF_DRAFT = "self"
 SELF_PREFIX = "self:"
 _LAYER_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -36,25 +43,32 @@ class DraftSpecError(ValueError):
 class DraftSpec:
     text: str  # as given, for logs and errors
     layers: tuple[int, ...] | None = None  # self-draft: the big model's layers it keeps
-    path: Path | None = None  # a separate small model's checkpoint
+    path: Path | None = None  # a self-draft file, or a separate small model's checkpoint
+    shipped: bool = False  # the self-draft shipped for the big model's card
 
     @property
     def needs_model(self) -> bool:
-        return self.layers is not None or self.path is not None
+        return self.layers is not None or self.path is not None or self.shipped
+
+    @property
+    def is_self_draft_file(self) -> bool:
+        return self.shipped or (self.path is not None and self.path.suffix == ".safetensors")
 
 
 def parse_draft_spec(text: str) -> DraftSpec:
     """Check ``--draft`` before any model loads."""
     if text == PromptLookupDrafter.name:
         return DraftSpec(text)
+    if text == SHIPPED_SELF_DRAFT:
+        return DraftSpec(text, shipped=True)
     if text.startswith(SELF_PREFIX):
         return DraftSpec(text, layers=_parse_layers(text[len(SELF_PREFIX) :], text))
     path = Path(text)
     if not path.exists():
         raise DraftSpecError(
-            f"--draft {text!r}: expected {PromptLookupDrafter.name!r}, {SELF_PREFIX}LAYERS "
-            "(e.g. self:0-5,29) or the path of a checkpoint sharing the model's vocabulary, "
-            "and no such file exists"
+            f"--draft {text!r}: expected {PromptLookupDrafter.name!r}, {SHIPPED_SELF_DRAFT!r}, "
+            f"{SELF_PREFIX}LAYERS (e.g. self:0-5,29), a self-draft file or the path of a checkpoint "
+            "sharing the model's vocabulary, and no such file exists"
         )
     return DraftSpec(text, path=path)
 
@@ -87,13 +101,15 @@ def build_drafter(
     if not spec.needs_model:
         return PromptLookupDrafter()
     target_config = target_checkpoint.config
-    if spec.layers is not None:
-        if spec.layers[-1] >= target_config.num_layers:
-            raise DraftSpecError(
-                f"--draft {spec.text!r}: the model has layers 0-{target_config.num_layers - 1}"
-            )
+    if spec.layers is not None and spec.layers[-1] >= target_config.num_layers:
+        raise DraftSpecError(f"--draft {spec.text!r}: the model has layers 0-{target_config.num_layers - 1}")
+    if spec.layers is not None or spec.is_self_draft_file:
         full = target_model or LlamaModel.from_checkpoint(target_checkpoint, weight_format)
-        draft = full.layer_subset(spec.layers)
+        if spec.layers is not None:
+            draft = full.layer_subset(spec.layers)
+        else:
+            path = spec.path or _shipped_self_draft(spec, target_config)
+            draft = load_self_draft(path, target_config, dtype=full.dtype).draft_model(full)
     else:
         assert spec.path is not None
         draft = LlamaModel.from_checkpoint(load_checkpoint(spec.path), weight_format)
@@ -108,3 +124,14 @@ def build_drafter(
     ).bytes_per_block()
     runner = CpuModelRunner(draft, num_kv_blocks * block_bytes, target_config.max_position_embeddings)
     return ModelDrafter(runner, spec.text)
+
+
+def _shipped_self_draft(spec: DraftSpec, target_config: ModelConfig) -> Path:
+    card = model_zoo.match_card(target_config)
+    path = None if card is None else model_zoo.self_draft_path(card.id)
+    if path is None:
+        raise DraftSpecError(
+            f"--draft {spec.text!r}: no self-draft ships for this model; "
+            f"give {SELF_PREFIX}LAYERS or a draft file"
+        )
+    return path
