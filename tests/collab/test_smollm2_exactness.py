@@ -27,7 +27,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["prompt-lookup", "self:0-5"])
+@pytest.fixture(scope="module", params=["prompt-lookup", "self"])
 def loaded(request: pytest.FixtureRequest) -> LoadedEngine:
     settings = EngineSettings(
         model=str(smollm2_gguf_path()),
