@@ -157,6 +157,7 @@ class Engine:
             return []
         self._route([c.seq for c in chunks if c.seq.strategy is Strategy.ROUTED and c.seq.route is None])
         big = [c for c in chunks if not c.seq.on_small_model]
+        small = [c for c in chunks if c.seq.on_small_model]
         drafts = self._drafts(big)
         inputs = [
             StepInput(
@@ -178,7 +179,7 @@ class Engine:
             else:
                 chunk.seq.num_computed += chunk.num_tokens
                 sampling.append((chunk.seq, rows))
-        sampling += self._small_model_rows([c for c in chunks if c.seq.on_small_model])
+        sampling += self._small_model_rows(small)
         if sampling:
             result = self.sampler.sample(
                 torch.cat([row for _, row in sampling]),
