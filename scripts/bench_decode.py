@@ -5,6 +5,9 @@ model greedily (argmax fed back) through the runner with B sequences at once, me
 steps after a warm-up. Prints a markdown table and writes JSON.
 
     python scripts/bench_decode.py --formats float32 bfloat16 int8 int4 auto --json out/bench_decode.json
+
+A format suffixed ``:invariant`` (``int4:invariant``) runs the batch-invariant mode: the cost of outputs
+that do not depend on the batch (docs/speculative.md).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ def measure(weight_format: str, model: str | None, batches: list[int], prompt_le
     torch.set_num_threads(os.cpu_count() or 1)
     checkpoint = load_checkpoint(resolve_model(model))
     started = time.perf_counter()
-    llama = LlamaModel.from_checkpoint(checkpoint, weight_format)
+    base_format, _, mode = weight_format.partition(":")
+    if mode not in ("", "invariant"):
+        raise SystemExit(f"unknown mode {mode!r} in {weight_format!r}; the one mode is :invariant")
+    llama = LlamaModel.from_checkpoint(checkpoint, base_format, batch_invariant=mode == "invariant")
     load_seconds = time.perf_counter() - started
     max_batch = max(batches)
     kv_tokens = max_batch * (prompt_len + steps + 8)
