@@ -9,7 +9,7 @@ from ttedge.models.llama.tt.attention import Attention, DecodeInputs, PrefillInp
 from ttedge.models.llama.tt.mlp import MLP
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
-from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes
+from ttedge.models.llama.tt.weights import LayerTensors
 
 
 class DecoderLayer:
@@ -18,14 +18,14 @@ class DecoderLayer:
         mesh: ttnn.MeshDevice,
         spec: DeviceSpec,
         config: ModelConfig,
-        layer: HostLayer,
-        dtypes: WeightDtypes,
+        layer: LayerTensors,
+        kv_dtype: ttnn.DataType,
         num_blocks: int,
     ):
         self.attn_norm = RMSNorm(mesh, layer.attn_norm, config.rms_norm_eps)
-        self.attention = Attention(mesh, spec, config, layer, dtypes, num_blocks)
+        self.attention = Attention(mesh, spec, config, layer, kv_dtype, num_blocks)
         self.mlp_norm = RMSNorm(mesh, layer.mlp_norm, config.rms_norm_eps)
-        self.mlp = MLP(mesh, spec, layer, dtypes)
+        self.mlp = MLP(mesh, spec, layer)
 
     def __call__(self, x: ttnn.Tensor, step: DecodeInputs) -> ttnn.Tensor:
         h = ttnn.add(x, self.attention(self.attn_norm(x), step), memory_config=ACTIVATIONS_MEMORY)
