@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch", reason="the emulation needs torch: setup_tt.sh --with-torch")
+pytestmark = pytest.mark.tt_emulation
 
 import torch.nn.functional as F  # noqa: E402
 import ttnn  # noqa: E402
