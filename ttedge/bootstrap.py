@@ -27,7 +27,7 @@ from ttedge.models.llama.linear import WeightFormat
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import ModelRunner
 from ttedge.runtime.cpu import CpuModelRunner
-from ttedge.runtime.tt_host import check_tt_device
+from ttedge.runtime.tt_host import check_tt_device, choose_preset
 from ttedge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,9 @@ def build_runner(
     kv_cache_bytes = settings.kv_cache_mb * 2**20
     if settings.device == "tt":
         # Imported here: the TT backend imports ttnn, which CPU-only installs do not have.
-        from ttedge.runtime.tt import DEFAULT_PRESET, TtModelRunner, open_tt_device
+        from ttedge.runtime.tt import TtModelRunner, open_tt_device
 
-        guide = card.tt if card is not None else None
-        preset = guide.preset(guide.deployments[0].preset) if guide and guide.deployments else DEFAULT_PRESET
+        preset = choose_preset(card)
         mesh = open_tt_device()
         atexit.register(close_tt_device, mesh)
         return TtModelRunner.from_checkpoint(mesh, checkpoint, preset, kv_cache_bytes, settings.max_model_len)

@@ -211,6 +211,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a checkpoint's weights for the TT backend into the on-disk cache (on the host: no card is
+    used, but ttnn's block-float conversion needs one present, or a mock cluster)."""
+    from pathlib import Path
+
+    from ttedge import model_zoo
+    from ttedge.checkpoint import load_checkpoint
+    from ttedge.checkpoint.discovery import resolve_model
+    from ttedge.runtime.tt_host import check_tt_device, choose_preset
+
+    check_tt_device(command="ttedge convert")  # one line, before reading a checkpoint or importing ttnn
+    checkpoint = load_checkpoint(resolve_model(args.model))
+    preset = choose_preset(model_zoo.match_card(checkpoint.config), args.preset)
+    from ttedge.runtime.tt import convert_checkpoint  # imports ttnn, which logs to stderr: only now
+
+    started = time.perf_counter()
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
+    cache = convert_checkpoint(checkpoint, preset, cache_dir)
+    print(
+        f"ttedge: {checkpoint.path.name} at preset {preset.name}: {cache.converted} tensors converted, "
+        f"{cache.loaded} already cached, in {time.perf_counter() - started:.1f} s; cache: {cache.directory}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttedge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -252,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds SIGTERM waits for requests in flight (default: %(default)s)",
     )
     serve.set_defaults(handler=cmd_serve)
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint's weights for the TT backend once, into the on-disk cache"
+    )
+    convert.add_argument("--model", help="checkpoint path or model-card name (default: SmolLM2-135M)")
+    convert.add_argument(
+        "--preset",
+        help="precision preset of the model card, e.g. performance or accuracy (default: the card's "
+        "recommended one; 'default', bfloat8_b throughout, for a checkpoint no card matches)",
+    )
+    convert.add_argument(
+        "--cache-dir",
+        help="where converted weights go (default: $TTEDGE_TT_CACHE or ~/.cache/ttedge/tt-weights)",
+    )
+    convert.set_defaults(handler=cmd_convert)
 
     models = commands.add_parser("models", help="list the models ttedge can find")
     models.set_defaults(handler=cmd_models)

@@ -44,7 +44,7 @@ MIN_PCC = 0.99
 
 
 @pytest.fixture
-def tt_mesh() -> Iterator[Any]:
+def tt_mesh(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     try:
         check_tt_device()
     except DeviceUnavailable as missing:
@@ -53,7 +53,11 @@ def tt_mesh() -> Iterator[Any]:
         pytest.skip(f"{MOCK_CLUSTER_VARIABLE} points ttnn at a mock cluster, which computes nothing")
     import ttnn
 
+    from ttedge.models.llama.tt.weight_cache import CACHE_DIR_VARIABLE
     from ttedge.runtime.tt import open_tt_device
+
+    # Converted weights of the tests' temporary checkpoints must not pile up in the user's cache.
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path_factory.mktemp("tt-weights")))
 
     mesh = open_tt_device()
     yield mesh

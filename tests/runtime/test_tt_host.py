@@ -11,16 +11,20 @@ import pytest
 
 from tests.fixtures.tiny_checkpoints import tiny_config
 from ttedge.cli import main
+from ttedge.config import ConfigError
+from ttedge.model_zoo import find_card
 from ttedge.runtime import kv_cache, tt_host
 from ttedge.runtime.base import DeviceUnavailable, StepInput
 from ttedge.runtime.tt_host import (
     DECODE_BATCH,
+    DEFAULT_PRESET,
     DecodeStep,
     DecodeToken,
     LogitsRows,
     PageTables,
     PrefillChunk,
     check_tt_device,
+    choose_preset,
     kv_cache_blocks,
     plan_steps,
 )
@@ -181,21 +185,45 @@ def test_tt_device_needs_a_card(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     check_tt_device(tmp_path / "absent")
 
 
-@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["serve"]])
+@pytest.mark.parametrize(
+    "command,prefix",
+    [
+        (["generate", "--prompt", "hi", "--device", "tt"], "--device tt"),
+        (["serve", "--device", "tt"], "--device tt"),
+        # A model that does not exist: the check comes before the checkpoint is looked for.
+        (["convert", "--model", "/no/such/model"], "ttedge convert"),
+    ],
+)
 @pytest.mark.parametrize("installed", [False, True])
-def test_cli_device_tt_fails_with_one_line_where_it_cannot_run(
+def test_cli_tt_commands_fail_with_one_line_where_they_cannot_run(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     command: list[str],
+    prefix: str,
     installed: bool,
 ) -> None:
     monkeypatch.setattr(tt_host, "_ttnn_installed", lambda: installed)
     monkeypatch.delenv(tt_host.MOCK_CLUSTER_VARIABLE, raising=False)
     monkeypatch.setattr(tt_host, "DEVICE_DIR", tmp_path / "no-cards")
-    assert main([*command, "--device", "tt"]) == 2
+    assert main(command) == 2
     captured = capsys.readouterr()
     expected = "needs the ttnn package" if not installed else "no Tenstorrent device found"
     assert captured.out == ""
-    assert captured.err.count("\n") == 1 and captured.err.startswith("ttedge: error: --device tt")
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"ttedge: error: {prefix}")
     assert expected in captured.err
+
+
+def test_preset_is_the_cards_recommended_one_or_the_named_one() -> None:
+    smollm2, llama = find_card("smollm2-135m-instruct"), find_card("llama-3.1-8b-instruct")
+    assert smollm2 is not None and llama is not None
+    assert choose_preset(smollm2) == smollm2.tt.preset(smollm2.tt.deployments[0].preset)
+    performance = choose_preset(llama, "performance")
+    assert (performance.mlp_weights, performance.attention_weights) == ("bfloat4_b", "bfloat8_b")
+    with pytest.raises(ConfigError, match=r"--preset: smollm2-135m-instruct: no precision preset 'fast'"):
+        choose_preset(smollm2, "fast")
+    # A checkpoint no card matches: bfloat8_b throughout, and nothing else.
+    assert choose_preset(None) == DEFAULT_PRESET == choose_preset(None, "default")
+    assert {DEFAULT_PRESET.attention_weights, DEFAULT_PRESET.mlp_weights} == {"bfloat8_b"}
+    with pytest.raises(ConfigError, match="no model card with TT presets matches this checkpoint"):
+        choose_preset(None, "performance")

@@ -39,6 +39,8 @@ BOARDS = ("n150", "p150")
 BOARD_FOR_CHIPS = {1: "n150", 2: "n300", 8: "t3k"}
 TEST_TIMEOUT_S = 180
 LABEL = "mock validation (no numerics)"
+# test_numerics_emulation.py: the one place numbers are computed, on the host, by a model of the port.
+EMULATION_LABEL = "host emulation of the port's numerics against the torch reference (no device)"
 
 
 def _compiler_paths() -> list[Path]:
@@ -53,6 +55,7 @@ def _compiler_paths() -> list[Path]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"tt_mock: {LABEL}: ttnn on a mock cluster with a stand-in compiler")
+    config.addinivalue_line("markers", f"tt_emulation: {EMULATION_LABEL}")
     if not any(path.exists() for path in _compiler_paths()):
         raise pytest.UsageError(
             "ttnn finds no RISC-V compiler: run `bash scripts/setup_tt.sh` to install the stand-in"
@@ -70,14 +73,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     # ttnn 0.81.1 has no __version__.
-    return f"TT validation tier: ttnn {metadata.version('ttnn')} on mock clusters -- every result is {LABEL}"
+    return (
+        f"TT validation tier: ttnn {metadata.version('ttnn')} on mock clusters -- every result is {LABEL}, "
+        f"except tests marked tt_emulation: {EMULATION_LABEL}"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _in_tier(item):
-            item.add_marker(pytest.mark.tt_mock)
-            item.user_properties.append(("validation", LABEL))
+            emulation = item.get_closest_marker("tt_emulation") is not None
+            if not emulation:
+                item.add_marker(pytest.mark.tt_mock)
+            item.user_properties.append(("validation", EMULATION_LABEL if emulation else LABEL))
 
 
 def _in_tier(item: pytest.Item) -> bool:
@@ -156,8 +164,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         f"{len(terminalreporter.stats.get(key, []))} {key}"
         for key in ("passed", "failed", "error", "skipped")
     )
+    emulated = sum(
+        "tt_emulation" in report.keywords
+        for key in ("passed", "failed")
+        for report in terminalreporter.stats.get(key, [])
+        if report.when == "call"
+    )
+    also = f" ({emulated} of them {EMULATION_LABEL})" if emulated else ""
     terminalreporter.write_line(
-        f"TT validation tier, {LABEL}: {counts} -- op checks and allocation on mock clusters; "
+        f"TT validation tier, {LABEL}: {counts}{also} -- op checks and allocation on mock clusters; "
         "no kernel was compiled, no data reached a device, nothing was timed"
     )
 

@@ -26,13 +26,7 @@ from ttedge.models.llama.tt.mlp import MLP
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, BLOCK_TOKENS, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
 from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
-from ttedge.models.llama.tt.weights import (
-    HostModel,
-    WeightDtypes,
-    host_tensor,
-    pad_to_tile,
-    prepare_model,
-)
+from ttedge.models.llama.tt.weights import ModelTensors, WeightDtypes, convert_model, host_tensor, pad_to_tile
 
 CONFIGS = {"smollm2": SMOLLM2, "tiny": TINY}
 
@@ -41,14 +35,14 @@ class OneLayer(NamedTuple):
     mesh: ttnn.MeshDevice
     spec: DeviceSpec
     config: ModelConfig
-    host: HostModel
+    host: ModelTensors
     dtypes: WeightDtypes
 
 
 def one_layer(mesh: ttnn.MeshDevice, config: ModelConfig) -> OneLayer:
-    """``config`` cut to one decoder layer on ``mesh``, random weights prepared for the device."""
+    """``config`` cut to one decoder layer on ``mesh``, random weights converted for the device."""
     cut = dataclasses.replace(config, num_layers=1)
-    host = prepare_model(cut, random_weights(cut))
+    host = convert_model(cut, random_weights(cut), SMOLLM2_PRESET)
     return OneLayer(mesh, DeviceSpec.of(mesh), config, host, WeightDtypes.from_preset(SMOLLM2_PRESET, 0))
 
 
@@ -73,17 +67,17 @@ def test_each_module_runs_one_decode_step(
     assert x.shape == hidden_row and x.layout == ttnn.TILE_LAYOUT, "embedding"
     normed = RMSNorm(mesh, layer.attn_norm, config.rms_norm_eps)(x)
     assert normed.shape == hidden_row, "rmsnorm"
-    attention = Attention(mesh, spec, config, layer, dtypes, blocks)
+    attention = Attention(mesh, spec, config, layer, dtypes.kv_cache, blocks)
     assert attention(normed, step).shape == hidden_row, "attention"
     assert attention.k_cache.dtype == dtypes.kv_cache
-    mlp = MLP(mesh, spec, layer, dtypes)
+    mlp = MLP(mesh, spec, layer)
     assert mlp(normed).shape == hidden_row, "mlp"
     assert mlp.w1.weight.dtype == dtypes.w1_w3 and mlp.w2.weight.dtype == dtypes.w2
     dram_sharded = mlp.w1.weight.memory_config()
     assert dram_sharded.buffer_type == ttnn.BufferType.DRAM
     assert dram_sharded.memory_layout == ttnn.TensorMemoryLayout.WIDTH_SHARDED
     assert dram_sharded.shard_spec.num_cores() == spec.dram_banks
-    out = DecoderLayer(mesh, spec, config, layer, dtypes, blocks)(x, step)
+    out = DecoderLayer(mesh, spec, config, layer, dtypes.kv_cache, blocks)(x, step)
     assert out.shape == hidden_row, "decoder"
     assert out.memory_config() == ACTIVATIONS_MEMORY
     logits = LMHead(mesh, host.lm_head)(out)
@@ -122,10 +116,10 @@ def test_each_module_runs_one_prefill_chunk(
     prompt_rows = ttnn.Shape([1, 1, rows, config.hidden_size])
     assert x.shape == prompt_rows and x.memory_config() == PREFILL_MEMORY, "embedding"
     normed = RMSNorm(mesh, layer.attn_norm, config.rms_norm_eps)(x, PREFILL_MEMORY)
-    attention = Attention(mesh, spec, config, layer, dtypes, blocks)
+    attention = Attention(mesh, spec, config, layer, dtypes.kv_cache, blocks)
     for start in (0, 64):
         out = attention.prefill(normed, chunk(start))
         assert out.shape == prompt_rows and out.memory_config() == PREFILL_MEMORY, f"attention at {start}"
-    assert MLP(mesh, spec, layer, dtypes).prefill(normed).shape == prompt_rows, "mlp"
-    out = DecoderLayer(mesh, spec, config, layer, dtypes, blocks).prefill(x, chunk(0))
+    assert MLP(mesh, spec, layer).prefill(normed).shape == prompt_rows, "mlp"
+    out = DecoderLayer(mesh, spec, config, layer, dtypes.kv_cache, blocks).prefill(x, chunk(0))
     assert out.shape == prompt_rows and out.memory_config() == PREFILL_MEMORY, "decoder"

@@ -26,7 +26,7 @@ from ttedge.models.llama.tt.weights import (
     hf_to_meta_rows,
     host_tensor,
     prepare_layer,
-    prepare_model,
+    prepare_outer,
 )
 
 LLAMA3_SCALED = dataclasses.replace(
@@ -103,7 +103,9 @@ def test_rotation_against_the_torch_reference(config: ModelConfig) -> None:
     rope = RotaryEmbedding(torch.from_numpy(reference_freq), 4096, torch.float64)
     positions = np.array([0, 7, 4095])
     x = np.random.default_rng(4).standard_normal((3, config.num_heads, config.head_dim))
-    expected = rope(torch.from_numpy(x), rope.cos[positions].unsqueeze(1), rope.sin[positions].unsqueeze(1))
+    expected = rope(
+        torch.from_numpy(x), rope.cos[positions].unsqueeze(1), rope.signed_sin[positions].unsqueeze(1)
+    )
     meta = hf_to_meta_rows(x.reshape(3, -1).T, config.num_heads).T.reshape(x.shape)
     cos, sin = interleaved_cos_sin(reference_freq, positions)
     got = kernel_rope(meta, cos, sin)
@@ -143,16 +145,15 @@ def test_block_float_round_trip_of_prepared_weights(
 ) -> None:
     # ttnn's host block-float conversion needs a cluster descriptor even with no device opened.
     monkeypatch.setenv("TT_METAL_MOCK_CLUSTER_DESC_PATH", str(MOCK_DIR / "n150.yaml"))
-    one_layer = dataclasses.replace(SMOLLM2, num_layers=1)
-    host = prepare_model(one_layer, random_weights(one_layer))
-    layer = host.layers[0]
+    weights = random_weights(SMOLLM2, num_layers=1)
+    layer = prepare_layer(SMOLLM2, weights, 0)
     tensors = {
         "wqkv": layer.wqkv,
         "wo": layer.wo,
         "w1": layer.w1,
         "w3": layer.w3,
         "w2": layer.w2,
-        "lm_head": host.lm_head,
+        "lm_head": prepare_outer(SMOLLM2, weights).lm_head,
     }
     dtype = getattr(ttnn, dtype_name)
     for name, array in tensors.items():

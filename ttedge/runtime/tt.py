@@ -7,23 +7,36 @@ Two layers, so that the TT validation tier (ttnn, no torch) can run everything t
   (``tt_host``), runs them on the ``Transformer`` and reads the logits back, cut to the real vocabulary.
 - ``TtModelRunner`` is the engine's runner: it owns the ``BlockAllocator`` over the device's KV blocks and
   hands the logits over as torch tensors.
+
+Weights go through the on-disk cache (``ttedge.models.llama.tt.weight_cache``): ``convert_checkpoint``
+(``ttedge convert``) fills it without opening a device, and a later start reads no weight of the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import ttnn
+from tqdm import tqdm
 
 from ttedge.config import ModelConfig
 from ttedge.model_zoo import PrecisionPreset
 from ttedge.models.llama.tt.model import Transformer, logits_to_host
 from ttedge.models.llama.tt.model_config import TILE
-from ttedge.models.llama.tt.weights import check_config
+from ttedge.models.llama.tt.weight_cache import (
+    SINGLE_CHIP,
+    WeightCache,
+    checkpoint_files,
+    default_cache_dir,
+    model_identity,
+)
+from ttedge.models.llama.tt.weights import check_config, convert_model
 from ttedge.runtime.base import DeviceUnavailable, StepInput
 from ttedge.runtime.tt_host import (
     MOCK_CLUSTER_VARIABLE,
@@ -41,6 +54,7 @@ if TYPE_CHECKING:
     import torch
 
     from ttedge.checkpoint import Checkpoint
+    from ttedge.checkpoint.base import TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +91,16 @@ class TtDeviceRunner:
         preset: PrecisionPreset,
         num_blocks: int,
         max_model_len: int,
+        cache: WeightCache | None = None,
+        progress: Callable[[int, int], None] | None = None,
         ttlang_kernels: bool = False,
     ):
         self.config = config
         self.max_model_len = max_model_len
         self.pages = PageTables(num_blocks, blocks_needed(max_model_len))
-        self.model = Transformer(mesh, config, tensors, preset, self.pages.device_blocks, ttlang_kernels)
+        self.model = Transformer(
+            mesh, config, tensors, preset, self.pages.device_blocks, cache, progress, ttlang_kernels
+        )
 
     def forward(self, inputs: Sequence[StepInput]) -> list[np.ndarray]:
         """Logits per input, float32 ``[n, vocab_size]``: ``n = len(token_ids)`` with ``all_logits``,
@@ -126,10 +144,51 @@ class TtDeviceRunner:
         logits.add(chunk.input_index, logits_to_host(out, rows, self.config.vocab_size))
 
 
-# tt_transformers' default precision when a checkpoint matches no model card with a TT preset.
-DEFAULT_PRESET = PrecisionPreset(
-    "default", attention_weights="bfloat8_b", mlp_weights="bfloat8_b", kv_cache="bfloat8_b"
-)
+class Float32Tensors(Mapping[str, np.ndarray]):
+    """A checkpoint's tensors as the float32 numpy arrays the port prepares weights from, each read when
+    asked for: a conversion served by the cache reads none of them."""
+
+    def __init__(self, sources: Mapping[str, TensorSource]):
+        self.sources = sources
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.sources[name].load().float().numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def checkpoint_cache(checkpoint: Checkpoint, cache_dir: Path | None = None) -> WeightCache:
+    """The weight cache of ``checkpoint`` on one chip, under ``cache_dir`` (default: ``$TTEDGE_TT_CACHE`` or
+    ``~/.cache/ttedge/tt-weights``)."""
+    identity = model_identity(checkpoint.config, checkpoint_files(checkpoint.path))
+    return WeightCache(cache_dir or default_cache_dir(), identity, SINGLE_CHIP)
+
+
+@contextmanager
+def conversion_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr (a terminal only) fed by ``convert_model``'s ``progress(done, total)``."""
+    with tqdm(desc=label, unit="layer", disable=None, leave=False) as bar:
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield update
+
+
+def convert_checkpoint(
+    checkpoint: Checkpoint, preset: PrecisionPreset, cache_dir: Path | None = None
+) -> WeightCache:
+    """Convert every weight of ``checkpoint`` at ``preset`` into the cache, on the host (no device is
+    opened); weights already cached are checked, not converted again. Returns the cache and its counts."""
+    cache = checkpoint_cache(checkpoint, cache_dir)
+    with conversion_progress(f"converting {checkpoint.config.name} ({preset.name})") as progress:
+        convert_model(checkpoint.config, Float32Tensors(checkpoint.tensors), preset, cache, progress)
+    return cache
 
 
 class TtModelRunner:
@@ -160,11 +219,16 @@ class TtModelRunner:
         """``ttlang_kernels``: the port's TT-Lang kernels where tt-lang is installed (``Transformer``)."""
         config = checkpoint.config
         check_config(config)  # before converting every weight
-        # The port prepares weights from float32 numpy arrays (ttedge/models/llama/tt/weights.py).
-        tensors = {name: source.load().float().numpy() for name, source in checkpoint.tensors.items()}
         context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         num_blocks = kv_cache_blocks(config, preset.kv_cache, kv_cache_bytes)
-        return cls(TtDeviceRunner(mesh, config, tensors, preset, num_blocks, context, ttlang_kernels))
+        cache = checkpoint_cache(checkpoint)
+        tensors = Float32Tensors(checkpoint.tensors)
+        with conversion_progress(f"loading {config.name} ({preset.name})") as progress:
+            device = TtDeviceRunner(
+                mesh, config, tensors, preset, num_blocks, context, cache, progress, ttlang_kernels
+            )
+        log.info("TT weights: %d converted, %d from %s", cache.converted, cache.loaded, cache.directory)
+        return cls(device)
 
     def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
         import torch

@@ -5,7 +5,8 @@
   with one scratch block that belongs to no sequence;
 - the plan of one ``run()``: which inputs go to batched decode steps and which to prefill chunks;
 - collecting each input's logits rows in token order;
-- how many KV blocks a memory budget buys at a card preset's KV dtype.
+- how many KV blocks a memory budget buys at a card preset's KV dtype;
+- which precision preset a checkpoint runs (or is converted) at.
 
 Kept apart from ``ttedge.runtime.tt`` so that both test tiers can check it: the CPU suite has no ttnn and
 the TT validation tier no torch.
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ttedge.config import ModelConfig
+from ttedge.config import ConfigError, ModelConfig
+from ttedge.model_zoo import ModelCard, PrecisionPreset
 from ttedge.runtime.base import DeviceUnavailable, StepInput
 
 # These three equal ttedge.models.llama.tt.model_config's BATCH, BLOCK_TOKENS and MAX_PREFILL_TOKENS and
@@ -41,9 +43,10 @@ def _ttnn_installed() -> bool:
     return importlib.util.find_spec("ttnn") is not None
 
 
-def check_tt_device(device_dir: Path | None = None) -> None:
-    """Raise ``DeviceUnavailable`` when ``--device tt`` cannot work on this machine (cards are looked for in
-    ``device_dir``, by default DEVICE_DIR).
+def check_tt_device(device_dir: Path | None = None, command: str = "--device tt") -> None:
+    """Raise ``DeviceUnavailable`` when ``command`` (``--device tt``, ``ttedge convert``) cannot work on this
+    machine (cards are looked for in ``device_dir``, by default DEVICE_DIR). Conversion needs a card too:
+    ttnn's block-float conversion asks the driver for the chips even on the host.
 
     Checked without importing ttnn: its import logs to stderr, and without a card its device calls fail
     with a driver assertion ("No chips detected in the cluster") rather than an answer.
@@ -51,15 +54,39 @@ def check_tt_device(device_dir: Path | None = None) -> None:
     device_dir = DEVICE_DIR if device_dir is None else device_dir
     if not _ttnn_installed():
         raise DeviceUnavailable(
-            "--device tt needs the ttnn package (pip install 'ttedge[tt]' on Python 3.10/3.12)"
+            f"{command} needs the ttnn package (pip install 'ttedge[tt]' on Python 3.10/3.12)"
         )
     if os.environ.get(MOCK_CLUSTER_VARIABLE):
         return
     if not device_dir.is_dir() or not any(device_dir.iterdir()):
         raise DeviceUnavailable(
-            f"--device tt: no Tenstorrent device found ({device_dir} is missing or empty; is a card "
+            f"{command}: no Tenstorrent device found ({device_dir} is missing or empty; is a card "
             "installed and the tt-kmd driver loaded?)"
         )
+
+
+# tt_transformers' default precision when a checkpoint matches no model card with a TT preset.
+DEFAULT_PRESET = PrecisionPreset(
+    "default", attention_weights="bfloat8_b", mlp_weights="bfloat8_b", kv_cache="bfloat8_b"
+)
+
+
+def choose_preset(card: ModelCard | None, name: str | None = None) -> PrecisionPreset:
+    """The preset called ``name`` on the checkpoint's card, or without a name the card's recommended one
+    (its first deployment's); a checkpoint no card matches has only DEFAULT_PRESET."""
+    if card is None or not card.tt.presets:
+        if name in (None, DEFAULT_PRESET.name):
+            return DEFAULT_PRESET
+        raise ConfigError(
+            "--preset", f"no model card with TT presets matches this checkpoint: only {DEFAULT_PRESET.name!r}"
+        )
+    guide = card.tt
+    if name is None:
+        name = guide.deployments[0].preset if guide.deployments else guide.presets[0].name
+    try:
+        return guide.preset(name)
+    except KeyError as err:
+        raise ConfigError("--preset", f"{card.id}: {err.args[0]}") from None
 
 
 def blocks_needed(num_tokens: int) -> int:

@@ -25,10 +25,11 @@ from ttedge.models.llama.tt.model_config import (
     BLOCK_TOKENS,
     PREFILL_MEMORY,
     TILE,
+    WEIGHTS_MEMORY,
     DeviceSpec,
 )
 from ttedge.models.llama.tt.rope import RotaryInputs
-from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes, device_weight
+from ttedge.models.llama.tt.weights import LayerTensors, device_tensor
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ class Attention:
         mesh: ttnn.MeshDevice,
         spec: DeviceSpec,
         config: ModelConfig,
-        layer: HostLayer,
-        dtypes: WeightDtypes,
+        layer: LayerTensors,
+        kv_dtype: ttnn.DataType,
         num_blocks: int,
     ):
         self.spec = spec
@@ -65,12 +66,12 @@ class Attention:
         # The kernels take a float32 scale. ttnn 0.81.1's chunked prefill SDPA refuses a Python float that
         # float32 cannot hold exactly ("incompatible function arguments" for 32**-0.5), so round it first.
         self.scale = float(np.float32(config.head_dim**-0.5))
-        self.wqkv = DramShardedLinear(mesh, spec, layer.wqkv, dtypes.attention)
-        self.wo = DramShardedLinear(mesh, spec, layer.wo, dtypes.attention)
+        self.wqkv = DramShardedLinear(mesh, spec, layer.wqkv)
+        self.wo = DramShardedLinear(mesh, spec, layer.wo)
         # The paged cache: [blocks, kv_heads, block_tokens, head_dim], shared by all users via page tables.
         cache = np.zeros((num_blocks, config.num_kv_heads, BLOCK_TOKENS, config.head_dim), np.float32)
-        self.k_cache = device_weight(mesh, cache, dtypes.kv_cache)
-        self.v_cache = device_weight(mesh, cache, dtypes.kv_cache)
+        self.k_cache = device_tensor(mesh, cache, kv_dtype, WEIGHTS_MEMORY)
+        self.v_cache = device_tensor(mesh, cache, kv_dtype, WEIGHTS_MEMORY)
         # Concat-heads reads one user's [padded heads, head_dim] block per core.
         self.heads_memory = spec.height_sharded((TILE, config.head_dim))
 

@@ -10,7 +10,7 @@ from ttedge.models.llama.tt.mlp import MLP
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
 from ttedge.models.llama.tt.ttlang import TTNN_ONLY, KernelChoice, ResidualNorm
-from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes
+from ttedge.models.llama.tt.weights import LayerTensors
 
 
 class DecoderLayer:
@@ -19,16 +19,16 @@ class DecoderLayer:
         mesh: ttnn.MeshDevice,
         spec: DeviceSpec,
         config: ModelConfig,
-        layer: HostLayer,
-        dtypes: WeightDtypes,
+        layer: LayerTensors,
+        kv_dtype: ttnn.DataType,
         num_blocks: int,
         kernels: KernelChoice = TTNN_ONLY,
     ):
         self.attn_norm = RMSNorm(mesh, layer.attn_norm, config.rms_norm_eps)
-        self.attention = Attention(mesh, spec, config, layer, dtypes, num_blocks)
+        self.attention = Attention(mesh, spec, config, layer, kv_dtype, num_blocks)
         # The residual add after attention and the MLP's norm: one TT-Lang kernel in decode when chosen.
         self.mlp_norm = ResidualNorm(mesh, layer.mlp_norm, config.rms_norm_eps, kernels.residual_rmsnorm)
-        self.mlp = MLP(mesh, spec, layer, dtypes, kernels.swiglu)
+        self.mlp = MLP(mesh, spec, layer, kernels.swiglu)
 
     def __call__(self, x: ttnn.Tensor, step: DecodeInputs) -> ttnn.Tensor:
         h, normed = self.mlp_norm(x, self.attention(self.attn_norm(x), step))

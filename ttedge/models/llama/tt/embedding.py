@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
 import ttnn
 
-from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY
-from ttedge.models.llama.tt.weights import device_weight
+from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, WEIGHTS_MEMORY
 
 
 class Embedding:
-    def __init__(self, mesh: ttnn.MeshDevice, table: np.ndarray):
-        # Row-major bfloat16: the lookup gathers whole rows, which block-float tiles do not store.
-        self.weight = device_weight(mesh, table, ttnn.bfloat16, ttnn.ROW_MAJOR_LAYOUT)
-        self.hidden = table.shape[1]
+    def __init__(self, mesh: ttnn.MeshDevice, table: ttnn.Tensor):
+        """``table`` is the converted host tensor ``[1, 1, vocab, hidden]``, bfloat16 row-major: the lookup
+        gathers whole rows, which block-float tiles do not store."""
+        self.weight = table.to(mesh, WEIGHTS_MEMORY)
+        self.hidden = table.shape[-1]
 
     def __call__(
         self, tokens: ttnn.Tensor, memory_config: ttnn.MemoryConfig = ACTIVATIONS_MEMORY

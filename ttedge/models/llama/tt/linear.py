@@ -11,18 +11,17 @@ tt_transformers): a 2-D multicast matmul with DRAM interleaved activations in an
 
 from __future__ import annotations
 
-import numpy as np
 import ttnn
 
 from ttedge.models.llama.tt.model_config import PREFILL_MEMORY, DeviceSpec
-from ttedge.models.llama.tt.weights import device_weight
 
 
 class DramShardedLinear:
-    def __init__(self, mesh: ttnn.MeshDevice, spec: DeviceSpec, weight: np.ndarray, dtype: ttnn.DataType):
-        k, n = weight.shape
+    def __init__(self, mesh: ttnn.MeshDevice, spec: DeviceSpec, weight: ttnn.Tensor):
+        """``weight`` is a converted host tensor ``[1, 1, k, n]`` (``weights.LayerTensors``)."""
+        k, n = weight.shape[-2], weight.shape[-1]
         self.spec, self.k, self.n = spec, k, n
-        self.weight = device_weight(mesh, weight, dtype, memory_config=spec.dram_sharded_weight(k, n))
+        self.weight = weight.to(mesh, spec.dram_sharded_weight(k, n))
         self.input_memory = spec.width_sharded_input(k)
         self.program = spec.dram_matmul_program(k, n)
 

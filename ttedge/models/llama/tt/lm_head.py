@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import ttnn
 
-from ttedge.models.llama.tt.weights import LM_HEAD_DTYPE, device_weight
+from ttedge.models.llama.tt.model_config import WEIGHTS_MEMORY
 
 
 class LMHead:
-    def __init__(self, mesh: ttnn.MeshDevice, weight: np.ndarray):
-        self.weight = device_weight(mesh, weight, LM_HEAD_DTYPE)
+    def __init__(self, mesh: ttnn.MeshDevice, weight: ttnn.Tensor):
+        """``weight`` is the converted host tensor ``[1, 1, hidden, padded vocab]``."""
+        self.weight = weight.to(mesh, WEIGHTS_MEMORY)
 
     def __call__(self, x: ttnn.Tensor) -> ttnn.Tensor:
         # 32 x vocab logits (3 MB in bfloat16 at a 49k vocabulary) go to DRAM, not L1.

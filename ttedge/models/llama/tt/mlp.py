@@ -7,21 +7,16 @@ import ttnn
 from ttedge.models.llama.tt.linear import DramShardedLinear
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.ttlang import SiluMultiply
-from ttedge.models.llama.tt.weights import HostLayer, WeightDtypes
+from ttedge.models.llama.tt.weights import LayerTensors
 
 
 class MLP:
     def __init__(
-        self,
-        mesh: ttnn.MeshDevice,
-        spec: DeviceSpec,
-        layer: HostLayer,
-        dtypes: WeightDtypes,
-        swiglu_kernel: bool = False,
+        self, mesh: ttnn.MeshDevice, spec: DeviceSpec, layer: LayerTensors, swiglu_kernel: bool = False
     ):
-        self.w1 = DramShardedLinear(mesh, spec, layer.w1, dtypes.w1_w3)
-        self.w3 = DramShardedLinear(mesh, spec, layer.w3, dtypes.w1_w3)
-        self.w2 = DramShardedLinear(mesh, spec, layer.w2, dtypes.w2)
+        self.w1 = DramShardedLinear(mesh, spec, layer.w1)
+        self.w3 = DramShardedLinear(mesh, spec, layer.w3)
+        self.w2 = DramShardedLinear(mesh, spec, layer.w2)
         self.silu_multiply = SiluMultiply(mesh, swiglu_kernel)
 
     def __call__(self, x: ttnn.Tensor) -> ttnn.Tensor:

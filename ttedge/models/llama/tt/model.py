@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import ttnn
@@ -25,7 +25,8 @@ from ttedge.models.llama.tt.model_config import (
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
 from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
 from ttedge.models.llama.tt.ttlang import choose_kernels
-from ttedge.models.llama.tt.weights import WeightDtypes, host_tensor, pad_to_tile, prepare_model
+from ttedge.models.llama.tt.weight_cache import WeightCache
+from ttedge.models.llama.tt.weights import WeightDtypes, convert_model, host_tensor, pad_to_tile
 
 
 class Transformer:
@@ -44,26 +45,36 @@ class Transformer:
         tensors: Mapping[str, np.ndarray],
         preset: PrecisionPreset,
         num_blocks: int,
+        cache: WeightCache | None = None,
+        progress: Callable[[int, int], None] | None = None,
         ttlang_kernels: bool = False,
     ):
-        """``ttlang_kernels`` runs the decode layer's residual+RMSNorm and SwiGLU as TT-Lang kernels where
+        """``tensors``: canonical float32 arrays, read only for the weights ``cache`` lacks (all of them
+        without a cache); ``progress`` follows the conversion (``weights.convert_model``).
+        ``ttlang_kernels`` runs the decode layer's residual+RMSNorm and SwiGLU as TT-Lang kernels where
         tt-lang is installed (``ttlang.choose_kernels``; ttnn ops otherwise, the choice logged)."""
-        host = prepare_model(config, tensors)
+        converted = convert_model(config, tensors, preset, cache, progress)
         self.mesh = mesh
         self.config = config
         spec = DeviceSpec.of(mesh)
         freq_factors = tensors.get("rope.freq_factors")
         self.rope = RotarySetup(mesh, spec, config, inverse_frequencies(config, freq_factors))
-        self.embedding = Embedding(mesh, host.embed)
+        self.embedding = Embedding(mesh, converted.embed)
         self.kernels = choose_kernels(ttlang_kernels, config)
         self.layers = [
             DecoderLayer(
-                mesh, spec, config, layer, WeightDtypes.from_preset(preset, i), num_blocks, self.kernels
+                mesh,
+                spec,
+                config,
+                layer,
+                WeightDtypes.from_preset(preset, i).kv_cache,
+                num_blocks,
+                self.kernels,
             )
-            for i, layer in enumerate(host.layers)
+            for i, layer in enumerate(converted.layers)
         ]
-        self.norm = RMSNorm(mesh, host.norm, config.rms_norm_eps)
-        self.lm_head = LMHead(mesh, host.lm_head)
+        self.norm = RMSNorm(mesh, converted.norm, config.rms_norm_eps)
+        self.lm_head = LMHead(mesh, converted.lm_head)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> ttnn.Tensor:
         """One token for each of ``BATCH`` users: ``tokens`` and ``positions`` ``[BATCH]``, ``page_table``

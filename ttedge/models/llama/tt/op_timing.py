@@ -29,7 +29,7 @@ from ttedge.models.llama.tt.linear import DramShardedLinear
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, BATCH, BLOCK_TOKENS, DeviceSpec
 from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
 from ttedge.models.llama.tt.ttlang import choose_kernels
-from ttedge.models.llama.tt.weights import WeightDtypes, host_tensor, prepare_layer
+from ttedge.models.llama.tt.weights import WeightDtypes, convert_layer, host_tensor
 from ttedge.perf.hardware import BLACKHOLE_P150, WORMHOLE_N150, HardwareSpec
 from ttedge.perf.roofline import OpCost
 from ttedge.runtime.tt_host import TILE_BYTES
@@ -93,12 +93,13 @@ def decode_layer_ops(
     spec = DeviceSpec.of(mesh)
     blocks_per_user = -(-(context + 1) // BLOCK_TOKENS)
     num_blocks = BATCH * blocks_per_user
+    dtypes = WeightDtypes.from_preset(preset, 0)
     layer = DecoderLayer(
         mesh,
         spec,
         config,
-        prepare_layer(dataclasses.replace(config, num_layers=1), random_layer(config), 0),
-        WeightDtypes.from_preset(preset, 0),
+        convert_layer(dataclasses.replace(config, num_layers=1), random_layer(config), dtypes, 0),
+        dtypes.kv_cache,
         num_blocks,
         choose_kernels(ttlang_kernels, config),
     )

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import ttnn
 
-from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY
-from ttedge.models.llama.tt.weights import norm_weight
+from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, WEIGHTS_MEMORY
 
 
 class RMSNorm:
-    def __init__(self, mesh: ttnn.MeshDevice, rows: np.ndarray, eps: float):
-        self.weight = norm_weight(mesh, rows)
+    def __init__(self, mesh: ttnn.MeshDevice, weight: ttnn.Tensor, eps: float):
+        """``weight``: the converted host tensor, bfloat16 rows one tile wide as ``ttnn.rms_norm`` reads."""
+        self.weight = weight.to(mesh, WEIGHTS_MEMORY)
         # ttnn's default epsilon is 1e-12, not the model's.
         self.eps = eps
 

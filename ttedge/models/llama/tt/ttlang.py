@@ -21,9 +21,9 @@ import ttnn
 
 from ttedge.config import ModelConfig
 from ttedge.kernels.footprint import residual_rmsnorm_l1_bytes
-from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, TILE
+from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, TILE, WEIGHTS_MEMORY
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
-from ttedge.models.llama.tt.weights import device_weight
+from ttedge.models.llama.tt.weights import device_tensor
 from ttedge.perf.hardware import CARDS
 
 log = logging.getLogger(__name__)
@@ -95,16 +95,18 @@ def _as_rows(x: ttnn.Tensor) -> ttnn.Tensor:
 class ResidualNorm:
     """``h = x + update`` and ``rms_norm(h)``: the decode layer's residual add and the norm after it."""
 
-    def __init__(self, mesh: ttnn.MeshDevice, rows: np.ndarray, eps: float, fused: bool):
-        self.norm = RMSNorm(mesh, rows, eps)
+    def __init__(self, mesh: ttnn.MeshDevice, weight: ttnn.Tensor, eps: float, fused: bool):
+        """``weight``: the norm's converted host tensor, as ``RMSNorm`` takes it."""
+        self.norm = RMSNorm(mesh, weight, eps)
         self.fused: Any = None
         if fused:
             from ttedge.kernels import residual_rmsnorm
 
             self.fused = residual_rmsnorm.build(_grid(mesh), eps)
             # The kernel reads the weight as a tile row: the norm weight repeated on all 32 rows.
-            weight = np.broadcast_to(rows.reshape(1, -1), (TILE, rows.size))
-            self.weight_rows = _as_rows(device_weight(mesh, np.ascontiguousarray(weight), ttnn.bfloat16))
+            rows = weight.to_numpy().astype(np.float32).reshape(1, -1)
+            tile_row = np.ascontiguousarray(np.broadcast_to(rows, (TILE, rows.size)))
+            self.weight_rows = _as_rows(device_tensor(mesh, tile_row, ttnn.bfloat16, WEIGHTS_MEMORY))
 
     def __call__(self, x: ttnn.Tensor, update: ttnn.Tensor) -> tuple[ttnn.Tensor, ttnn.Tensor]:
         if self.fused is None:

@@ -1,4 +1,5 @@
-"""Host-side weight preparation: canonical numpy float32 arrays to the layouts the decode port reads.
+"""Host-side weight preparation and conversion: canonical numpy float32 arrays to the layouts the port
+reads, then to ttnn host tensors in their device formats (through the on-disk cache, ``weight_cache.py``).
 
 What changes on the way from ``ttedge.checkpoint`` (``[out, in]``, Hugging Face rotate-half Q/K order):
 
@@ -15,7 +16,8 @@ What changes on the way from ``ttedge.checkpoint`` (``[out, in]``, Hugging Face 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +25,8 @@ import ttnn
 
 from ttedge.config import ConfigError, ModelConfig
 from ttedge.model_zoo import PrecisionPreset
-from ttedge.models.llama.tt.model_config import TILE, WEIGHTS_MEMORY
+from ttedge.models.llama.tt.model_config import TILE
+from ttedge.models.llama.tt.weight_cache import WeightCache
 
 
 def hf_to_meta_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -85,8 +88,9 @@ class HostLayer:
 
 
 @dataclass(frozen=True)
-class HostModel:
-    layers: list[HostLayer]
+class HostOuter:
+    """The weights outside the decoder layers, prepared on the host."""
+
     embed: np.ndarray  # [vocab, hidden]
     norm: np.ndarray  # [hidden // TILE, TILE]
     lm_head: np.ndarray  # [hidden, padded vocab]
@@ -128,13 +132,11 @@ def prepare_layer(config: ModelConfig, tensors: Mapping[str, np.ndarray], index:
     )
 
 
-def prepare_model(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> HostModel:
-    """All weights of ``config`` from canonical float32 arrays (``ttedge.checkpoint.base`` names)."""
-    check_config(config)
-    head = tensors["embed.weight" if config.tie_word_embeddings else "lm_head.weight"]
-    return HostModel(
-        layers=[prepare_layer(config, tensors, i) for i in range(config.num_layers)],
-        embed=tensors["embed.weight"],
+def prepare_outer(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> HostOuter:
+    embed = tensors["embed.weight"]  # read once: a lazy mapping loads it per access
+    head = embed if config.tie_word_embeddings else tensors["lm_head.weight"]
+    return HostOuter(
+        embed=embed,
         norm=_norm_rows(tensors["norm.weight"]),
         lm_head=_pad(head.T, config.hidden_size, pad_to_tile(config.vocab_size)),
     )
@@ -152,18 +154,119 @@ def host_tensor(
     return ttnn.Tensor(tensor=np.ascontiguousarray(array, dtype=host_dtype), data_type=dtype, layout=layout)
 
 
-def device_weight(
-    mesh: ttnn.MeshDevice,
-    array: np.ndarray,
-    dtype: ttnn.DataType,
-    layout: ttnn.Layout = ttnn.TILE_LAYOUT,
-    memory_config: ttnn.MemoryConfig = WEIGHTS_MEMORY,
+def device_tensor(
+    mesh: ttnn.MeshDevice, array: np.ndarray, dtype: ttnn.DataType, memory_config: ttnn.MemoryConfig
 ) -> ttnn.Tensor:
-    """A weight on the device; 2-D matrices become ``[1, 1, rows, cols]`` as the ttnn ops expect."""
+    """``array`` in tile layout on the device."""
     # Host first, then `to`: the numpy constructor refuses sharded memory configs (docs/tt-validation.md).
-    four_d = array[None, None] if array.ndim == 2 else array
-    return host_tensor(four_d, dtype, layout).to(mesh, memory_config)
+    return host_tensor(array, dtype).to(mesh, memory_config)
 
 
-def norm_weight(mesh: ttnn.MeshDevice, rows: np.ndarray) -> ttnn.Tensor:
-    return device_weight(mesh, rows, ttnn.bfloat16, ttnn.ROW_MAJOR_LAYOUT)
+# A tensor's ttnn data type and layout on the device.
+TensorFormat = tuple[ttnn.DataType, ttnn.Layout]
+# Norm weights and embeddings stay bfloat16 row-major (see LM_HEAD_DTYPE).
+ROW_MAJOR_BFLOAT16: TensorFormat = (ttnn.bfloat16, ttnn.ROW_MAJOR_LAYOUT)
+
+
+def layer_formats(dtypes: WeightDtypes) -> dict[str, TensorFormat]:
+    """The format of each ``HostLayer`` field on the device."""
+    tile = ttnn.TILE_LAYOUT
+    return {
+        "attn_norm": ROW_MAJOR_BFLOAT16,
+        "wqkv": (dtypes.attention, tile),
+        "wo": (dtypes.attention, tile),
+        "mlp_norm": ROW_MAJOR_BFLOAT16,
+        "w1": (dtypes.w1_w3, tile),
+        "w3": (dtypes.w1_w3, tile),
+        "w2": (dtypes.w2, tile),
+    }
+
+
+OUTER_FORMATS: dict[str, TensorFormat] = {
+    "embed": ROW_MAJOR_BFLOAT16,
+    "norm": ROW_MAJOR_BFLOAT16,
+    "lm_head": (LM_HEAD_DTYPE, ttnn.TILE_LAYOUT),
+}
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """One decoder layer's weights as ttnn host tensors ``[1, 1, rows, cols]`` in their device formats
+    (``HostLayer``'s fields, converted and block-float rounded); the modules move them to the device."""
+
+    attn_norm: ttnn.Tensor
+    wqkv: ttnn.Tensor
+    wo: ttnn.Tensor
+    mlp_norm: ttnn.Tensor
+    w1: ttnn.Tensor
+    w3: ttnn.Tensor
+    w2: ttnn.Tensor
+
+
+@dataclass(frozen=True)
+class ModelTensors:
+    layers: list[LayerTensors]
+    embed: ttnn.Tensor
+    norm: ttnn.Tensor
+    lm_head: ttnn.Tensor
+
+
+def _convert(
+    formats: Mapping[str, TensorFormat],
+    prepare: Callable[[], object],
+    cache: WeightCache | None,
+    prefix: str,
+) -> dict[str, ttnn.Tensor]:
+    """The named tensors in ``formats``: from the cache where it holds them, else converted from the fields
+    of ``prepare()`` and stored. ``prepare`` runs only on a miss, so a cached model never reads its
+    checkpoint."""
+    found = {}
+    if cache is not None:
+        for name, (dtype, layout) in formats.items():
+            tensor = cache.load(prefix + name, dtype, layout)
+            if tensor is not None:
+                found[name] = tensor
+    if len(found) < len(formats):
+        prepared = vars(prepare())
+        for name, (dtype, layout) in formats.items():
+            if name not in found:
+                found[name] = host_tensor(prepared[name][None, None], dtype, layout)
+                if cache is not None:
+                    cache.store(prefix + name, found[name])
+    return found
+
+
+def convert_layer(
+    config: ModelConfig,
+    tensors: Mapping[str, np.ndarray],
+    dtypes: WeightDtypes,
+    index: int,
+    cache: WeightCache | None = None,
+) -> LayerTensors:
+    """Layer ``index``'s weights prepared and converted to ``dtypes``, through ``cache`` when given."""
+    prepare = functools.partial(prepare_layer, config, tensors, index)
+    return LayerTensors(**_convert(layer_formats(dtypes), prepare, cache, f"layers.{index}."))
+
+
+def convert_model(
+    config: ModelConfig,
+    tensors: Mapping[str, np.ndarray],
+    preset: PrecisionPreset,
+    cache: WeightCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ModelTensors:
+    """Every weight of ``config`` prepared and converted to its device format under ``preset``, through
+    ``cache`` when given. ``tensors`` holds canonical float32 arrays (``ttedge.checkpoint.base`` names) and
+    is read only for what the cache lacks; ``progress(done, total)`` is called after each layer and after
+    the embedding, norm and head."""
+    check_config(config)
+    total = config.num_layers + 1
+    layers = []
+    for index in range(config.num_layers):
+        layers.append(convert_layer(config, tensors, WeightDtypes.from_preset(preset, index), index, cache))
+        if progress is not None:
+            progress(index + 1, total)
+    outer = _convert(OUTER_FORMATS, lambda: prepare_outer(config, tensors), cache, "")
+    if progress is not None:
+        progress(total, total)
+    return ModelTensors(layers=layers, **outer)
