@@ -98,7 +98,9 @@ class Run:
     seconds: float
     output_tokens: int
     tokens_per_s: float
-    speedup: float  # against plain decoding at the same batch and category
+    # Tokens/s against plain decoding's at the same batch and category (lossy strategies write answers
+    # of other lengths, so time alone would mislead).
+    speedup: float
     acceptance_rate: float
     tokens_per_forward: float  # tokens each sequence gains per big-model forward while decoding
     answered_by_small: int  # requests whose tokens the small model wrote alone (after guidance)
@@ -243,15 +245,15 @@ def main() -> None:
         prompts = [chat(t) for t in PROMPTS[category]]
         for batch in args.batches:
             reference: list[list[int]] = []
-            plain_seconds = 0.0
+            plain_rate = 0.0
             for setting in settings:
                 engine = make_engine(loaded, setting, drafters)
                 seconds, outputs, forwards, by_small = run(engine, prompts, batch, args.max_tokens)
                 small_alone = setting.strategy is Strategy.PLAIN and bool(setting.draft)
-                if not reference:
-                    reference, plain_seconds = outputs, seconds
                 counters = engine.stats().collab
                 tokens = sum(map(len, outputs))
+                if not reference:
+                    reference, plain_rate = outputs, tokens / seconds
                 results.append(
                     Run(
                         category=category,
@@ -261,7 +263,7 @@ def main() -> None:
                         seconds=seconds,
                         output_tokens=tokens,
                         tokens_per_s=tokens / seconds,
-                        speedup=plain_seconds / seconds,
+                        speedup=tokens / seconds / plain_rate,
                         acceptance_rate=counters.accepted_draft_tokens / max(counters.draft_tokens, 1),
                         tokens_per_forward=tokens / max(forwards, 1),
                         answered_by_small=len(prompts) if small_alone else by_small,
