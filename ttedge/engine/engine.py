@@ -251,9 +251,9 @@ class Engine:
             # step the slower kernel. A step already past it (a prefill chunk) takes drafts freely.
             spare, capped = cheap_rows - rows, []
             for i, n in wanted:
-                if min(n, spare):
-                    capped.append((i, min(n, spare)))
-                    spare -= min(n, spare)
+                if take := min(n, spare):
+                    capped.append((i, take))
+                    spare -= take
             wanted = capped
         if not wanted:
             return drafts
