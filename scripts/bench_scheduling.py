@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_length_predictor import build_prompts, chat_ids, split
+from train_length_predictor import build_prompts, split
 
 from ttedge.bootstrap import load_engine
 from ttedge.config import EngineSettings
@@ -327,7 +327,9 @@ def main() -> None:
     prompts_all = build_prompts()
     _, test = split(len(prompts_all))
     chosen = random.Random(args.seed).sample(test, min(args.requests, len(test)))
-    prompts = [chat_ids(loaded.tokenizer, prompts_all[i].text) for i in chosen]
+    prompts = [
+        loaded.tokenizer.encode_chat([{"role": "user", "content": prompts_all[i].text}]) for i in chosen
+    ]
     print(
         f"{len(prompts)} held-out prompts, {sum(map(len, prompts))} prompt tokens, {args.weights} weights, "
         f"{torch.get_num_threads()} threads, {args.clock} clock, max_num_seqs {args.max_num_seqs}",

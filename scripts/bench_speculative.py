@@ -232,11 +232,9 @@ def main() -> None:
         )
         for draft in args.drafts
     }
-    tokenizer = loaded.tokenizer
 
     def chat(text: str) -> list[int]:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-        return tokenizer.encode(rendered, add_bos=False)
+        return loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
 
     settings = settings_from(args)
     run(make_engine(loaded, settings[0], drafters), [chat("Hi")], 1, 4)  # warm-up

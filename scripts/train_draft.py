@@ -65,7 +65,6 @@ from ttedge.models.llama.reference import LlamaModel, rms_norm
 from ttedge.runtime.base import StepInput
 from ttedge.runtime.cpu import CpuModelRunner
 from ttedge.runtime.kv_cache import blocks_needed
-from ttedge.tokenizer import Tokenizer
 
 PASSAGES = [
     "The city council met on Tuesday to discuss the new bike lanes. Several residents spoke in favour, "
@@ -228,10 +227,6 @@ def split(num_prompts: int, test_fraction: float = 0.2, seed: int = 1) -> tuple[
     return sorted(order[cut:]), sorted(order[:cut])
 
 
-def chat_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]), add_bos=False)
-
-
 @dataclass(frozen=True)
 class Example:
     """One teacher sequence: a chat prompt and the target's continuation of it."""
@@ -257,7 +252,7 @@ def generate(
     examples: list[Example] = []
     for first in range(0, len(indices), batch):
         part = indices[first : first + batch]
-        ids = [chat_ids(loaded.tokenizer, prompts[i].text) for i in part]
+        ids = [loaded.tokenizer.encode_chat([{"role": "user", "content": prompts[i].text}]) for i in part]
         seqs = [
             loaded.engine.add_request(
                 prompt, SamplingParams(temperature=temperature, seed=i, max_tokens=max_tokens)
@@ -703,7 +698,9 @@ def main() -> None:
 
     # Costs at batch 1 in the runtime's default format, every model timed in this run, the target twice
     # (before and after the drafts) so that a drift in the machine's speed shows.
-    prompt = chat_ids(loaded.tokenizer, prompts[sorted(test_prompts)[0]].text)
+    prompt = loaded.tokenizer.encode_chat(
+        [{"role": "user", "content": prompts[sorted(test_prompts)[0]].text}]
+    )
     kv_bytes = 64 * 2**20
     target_ms = [decode_ms(runner, prompt, args.timing_steps)]
     draft_ms = {}

@@ -216,13 +216,9 @@ def split(num_prompts: int, test_fraction: float = 0.2, seed: int = 1) -> tuple[
     return sorted(order[cut:]), sorted(order[:cut])
 
 
-def chat_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]), add_bos=False)
-
-
 def user_span(tokenizer: Tokenizer, ids: list[int]) -> tuple[int, int]:
     """Where the user's message lies in a chat prompt: what differs from the empty message's prompt."""
-    empty = chat_ids(tokenizer, "")
+    empty = tokenizer.encode_chat([{"role": "user", "content": ""}])
     head = next(i for i, (a, b) in enumerate(zip(ids, empty, strict=False)) if a != b)
     tail = next(i for i, (a, b) in enumerate(zip(ids[::-1], empty[::-1], strict=False)) if a != b)
     return head, len(ids) - tail
@@ -242,7 +238,11 @@ def label(
     rows: list[dict[str, object]] = []
     for first in range(0, len(prompts), batch):
         part = prompts[first : first + batch]
-        seqs = generate(loaded, [chat_ids(loaded.tokenizer, p.text) for p in part], max_tokens)
+        seqs = generate(
+            loaded,
+            [loaded.tokenizer.encode_chat([{"role": "user", "content": p.text}]) for p in part],
+            max_tokens,
+        )
         rows.extend(
             {
                 **asdict(p),
@@ -267,7 +267,10 @@ def hidden_representations(
     tokenizer = loaded.tokenizer
     last, mean = [], []
     for first in range(0, len(prompts), batch):
-        ids = [chat_ids(tokenizer, p.text) for p in prompts[first : first + batch]]
+        ids = [
+            tokenizer.encode_chat([{"role": "user", "content": p.text}])
+            for p in prompts[first : first + batch]
+        ]
         tables = [runner.allocator.allocate(blocks_needed(len(x))) for x in ids]
         try:
             layout = BatchLayout.build(
@@ -306,7 +309,10 @@ SELF_ESTIMATE_SUFFIX = (
 
 def self_estimates(loaded: LoadedEngine, prompts: list[Prompt]) -> list[int | None]:
     """The model's own estimate of its response length in words, or None when it gives no number."""
-    ids = [chat_ids(loaded.tokenizer, p.text + SELF_ESTIMATE_SUFFIX) for p in prompts]
+    ids = [
+        loaded.tokenizer.encode_chat([{"role": "user", "content": p.text + SELF_ESTIMATE_SUFFIX}])
+        for p in prompts
+    ]
     estimates: list[int | None] = []
     for seq in generate(loaded, ids, max_tokens=12):
         found = re.search(r"\d+", seq.text.replace(",", ""))
@@ -381,7 +387,7 @@ def main() -> None:
     loaded = load_engine(EngineSettings(weight_format=args.weights, max_num_seqs=32, kv_cache_mb=320))
     prompts = build_prompts()
     train, test = split(len(prompts))
-    ids = [chat_ids(loaded.tokenizer, p.text) for p in prompts]
+    ids = [loaded.tokenizer.encode_chat([{"role": "user", "content": p.text}]) for p in prompts]
 
     labels_path = args.work / f"labels_{args.weights}_{args.max_tokens}.json"
     if not labels_path.exists():

@@ -149,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         messages = [{"role": "user", "content": args.prompt}]
         if args.system:
             messages.insert(0, {"role": "system", "content": args.system})
-        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
+        prompt_ids = tokenizer.encode_chat(messages)
     else:
         prompt_ids = tokenizer.encode(args.prompt)
     engine = loaded.engine

@@ -330,6 +330,11 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
 
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The token ids of ``messages`` rendered by the chat template, ready for the assistant's turn (the
+        template writes any BOS itself)."""
+        return self.encode(self.apply_chat_template(messages), add_bos=False)
+
     def apply_chat_template(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
     ) -> str:
