@@ -1,9 +1,10 @@
 """The TT backend against the torch reference on a real Tenstorrent card (hardware tier, `-m tt_hardware`).
 
-Both runners get the same steps: prompts of different lengths prefilled for three users, then batched
-decode steps fed the reference's greedy tokens (so one near-tie cannot derail the rest). Every logits row
-of the card must correlate with the reference's at PCC >= 0.99 (tt_transformers' bar for its model
-tests) and pick the same greedy token.
+Against the reference, both runners get the same steps: prompts of different lengths prefilled for three
+users, then batched decode steps fed the reference's greedy tokens (so one near-tie cannot derail the
+rest). Every logits row of the card must correlate with the reference's at PCC >= 0.99 (tt_transformers'
+bar for its model tests) and pick the same greedy token. Traced decode and greedy ids picked on the
+device are checked against the card's own untraced decode.
 
 Skipped where there is no card: without ttnn, without a device node, and on the TT validation tier's mock
 clusters, which validate ops but compute nothing. Runs with ttnn and torch in one environment
@@ -88,6 +89,46 @@ def compare(tt: ModelRunner, reference: ModelRunner, prompts: list[list[int]]) -
         for user, tokens in enumerate(new_tokens):
             lengths[user] += len(tokens)
         new_tokens = [[int(logits.argmax())] for logits in ref_logits]
+
+
+def test_traced_decode_and_greedy_ids_equal_untraced_decode(tt_mesh: Any, tmp_path: Path) -> None:
+    """Two TT runners of one tiny model on the card, traced and untraced decode, fed the same steps.
+    Decode steps alternate between logits, which must be bit-identical (a replay runs the captured
+    programs on the same inputs), and greedy ids picked on the device, which must be the argmax of the
+    untraced logits. So both traces are captured, each replayed several times with positions and page
+    tables updated in place; prefill is greedy on the device too."""
+    from ttedge.runtime.tt import TtModelRunner
+
+    config = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
+    checkpoint = load_checkpoint(write_hf_checkpoint(tmp_path, config, random_state_dict(config)))
+    traced, untraced = (
+        TtModelRunner.from_checkpoint(
+            tt_mesh, checkpoint, preset("accuracy"), KV_CACHE_BYTES, CONTEXT, traced_decode=flag
+        )
+        for flag in (True, False)
+    )
+    assert traced.device.traced_decode is not None and untraced.device.traced_decode is None
+    new_tokens = prompts(config.vocab_size)
+    tables: dict[str, list[list[int]]] = {key: [[] for _ in new_tokens] for key in ("traced", "untraced")}
+    lengths = [0] * len(new_tokens)
+    for step in range(DECODE_STEPS + 1):
+        inputs: dict[str, list[StepInput]] = {"traced": [], "untraced": []}
+        for key, runner in (("traced", traced), ("untraced", untraced)):
+            for user, tokens in enumerate(new_tokens):
+                runner.allocator.grow_table(tables[key][user], lengths[user] + len(tokens))
+                inputs[key].append(StepInput(tokens, lengths[user], tables[key][user]))
+        want = untraced.run(inputs["untraced"])
+        if step % 2 == 0:  # the prefill, and every other decode step: ids only
+            for user, (ids, logits) in enumerate(zip(traced.run_greedy(inputs["traced"]), want, strict=True)):
+                assert ids.shape == (1,), f"user {user}, step {step}"
+                # Equal logits may tie; the device's pick must be one of the largest.
+                assert logits[0, int(ids[0])] == logits.max(), f"user {user}, step {step}: not the argmax"
+        else:
+            for user, (got, logits) in enumerate(zip(traced.run(inputs["traced"]), want, strict=True)):
+                assert torch.equal(got, logits), f"user {user}, decode step {step}: traced differs"
+        for user, tokens in enumerate(new_tokens):
+            lengths[user] += len(tokens)
+        new_tokens = [[int(logits.argmax())] for logits in want]
 
 
 def runners(mesh: Any, checkpoint: Checkpoint, precision: PrecisionPreset) -> tuple[ModelRunner, ModelRunner]:

@@ -17,7 +17,7 @@ from ttedge.runtime.tt_host import (
     DECODE_BATCH,
     DecodeStep,
     DecodeToken,
-    LogitsRows,
+    OutputRows,
     PageTables,
     PrefillChunk,
     check_tt_device,
@@ -133,21 +133,35 @@ def test_plan_refuses_tables_too_short_for_the_tokens() -> None:
         plan_steps([StepInput([], 0, [3])])
 
 
-def test_logits_rows_stack_per_input_and_check_their_count() -> None:
+def test_output_rows_stack_per_input_and_check_their_count() -> None:
     inputs = [StepInput([1, 2, 3], 0, [0], all_logits=True), StepInput([4], 3, [1])]
-    rows = LogitsRows(inputs)
+    rows = OutputRows(inputs)
     rows.add(0, np.zeros((2, 5), np.float32))
     rows.add(1, np.ones((1, 5), np.float32))
     rows.add(0, np.full((1, 5), 2.0, np.float32))
     first, second = rows.results()
     assert first.shape == (3, 5) and first[2, 0] == 2.0 and second.tolist() == [[1.0] * 5]
-    incomplete = LogitsRows(inputs)
+    assert first.dtype == np.float32
+    incomplete = OutputRows(inputs)
     incomplete.add(0, np.zeros((3, 5), np.float32))
     incomplete.add(1, np.zeros((2, 5), np.float32))
-    with pytest.raises(AssertionError, match="input 1 got 2 logits rows, expected 1"):
+    with pytest.raises(AssertionError, match="input 1 got 2 output rows, expected 1"):
         incomplete.results()
-    with pytest.raises(AssertionError, match="input 0 got 0 logits rows, expected 3"):
-        LogitsRows(inputs).results()
+    with pytest.raises(AssertionError, match="input 0 got 0 output rows, expected 3"):
+        OutputRows(inputs).results()
+
+
+def test_output_rows_collect_greedy_token_ids() -> None:
+    """Greedy steps deliver one int64 token id per row; a verification's ids arrive piece by piece (decode
+    tokens up to the block boundary, then a prefill chunk) and come back in token order."""
+    inputs = [StepInput([1, 2, 3], 30, [0, 1], all_logits=True), StepInput([4], 3, [2])]
+    rows = OutputRows(inputs)
+    rows.add(0, np.array([7], np.int64))
+    rows.add(1, np.array([9], np.int64))
+    rows.add(0, np.array([8], np.int64))
+    rows.add(0, np.array([5], np.int64))
+    first, second = rows.results()
+    assert first.tolist() == [7, 8, 5] and first.dtype == np.int64 and second.tolist() == [9]
 
 
 def test_kv_cache_blocks_follow_the_kv_dtype() -> None:

@@ -45,18 +45,23 @@ class DeviceCalls:
     def __init__(self, runner: TtDeviceRunner, monkeypatch: pytest.MonkeyPatch):
         self.decodes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.prefills: list[tuple[np.ndarray, np.ndarray, int, bool]] = []
+        self.greedy: list[bool] = []  # per call, decode or prefill
         model = runner.model
         decode, prefill = model.decode, model.prefill
 
-        def record_decode(tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> Any:
+        def record_decode(
+            tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray, greedy: bool = False
+        ) -> Any:
             self.decodes.append((tokens.copy(), positions.copy(), page_table.copy()))
-            return decode(tokens, positions, page_table)
+            self.greedy.append(greedy)
+            return decode(tokens, positions, page_table, greedy)
 
         def record_prefill(
-            tokens: np.ndarray, row: np.ndarray, start: int = 0, all_rows: bool = False
+            tokens: np.ndarray, row: np.ndarray, start: int = 0, all_rows: bool = False, greedy: bool = False
         ) -> Any:
             self.prefills.append((tokens.copy(), row.copy(), start, all_rows))
-            return prefill(tokens, row, start, all_rows)
+            self.greedy.append(greedy)
+            return prefill(tokens, row, start, all_rows, greedy)
 
         monkeypatch.setattr(model, "decode", record_decode)
         monkeypatch.setattr(model, "prefill", record_prefill)
@@ -64,6 +69,7 @@ class DeviceCalls:
     def clear(self) -> None:
         self.decodes.clear()
         self.prefills.clear()
+        self.greedy.clear()
 
 
 def check_logits(out: list[np.ndarray], rows: list[int], config: ModelConfig) -> None:
@@ -145,6 +151,41 @@ def test_runner_prefills_then_decodes_several_users(
     out = runner.forward([StepInput(prompt(4), 96, tables["b"], all_logits=True)])
     check_logits(out, [4], config)
     assert [(len(t), s, a) for t, _, s, a in calls.prefills] == [(4, 96, True)]
+
+
+@pytest.mark.parametrize("board", ["n150", "p150"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_runner_picks_greedy_tokens_on_the_device(
+    mock_device: Callable[[str | Path], ttnn.MeshDevice],
+    monkeypatch: pytest.MonkeyPatch,
+    board: str,
+    name: str,
+) -> None:
+    """``greedy_tokens`` runs the same device work as ``forward`` with the argmax on the device (untilize,
+    slice off the vocabulary padding, multi-core argmax) and reads back one int64 id per row: a prompt,
+    a decode step for three users, and a verification from inside a block (decode tokens up to the
+    boundary, then a prefill chunk with every row)."""
+    config = CONFIGS[name]
+    runner = TtDeviceRunner(
+        mock_device(board), config, random_weights(config), SMOLLM2_PRESET, NUM_BLOCKS, CONTEXT
+    )
+    calls = DeviceCalls(runner, monkeypatch)
+    tables = [[7, 2], [11, 0, 5], [3, 4]]
+
+    def check_ids(out: list[np.ndarray], rows: list[int]) -> None:
+        assert [o.shape for o in out] == [(n,) for n in rows]
+        assert all(o.dtype == np.int64 and ((o >= 0) & (o < config.vocab_size)).all() for o in out)
+
+    check_ids(runner.greedy_tokens([StepInput(list(range(40)), 0, tables[0])]), [1])
+    check_ids(
+        runner.greedy_tokens([StepInput([5], 40 + u, table) for u, table in enumerate(tables)]), [1, 1, 1]
+    )
+    check_ids(runner.greedy_tokens([StepInput([1, 2, 3, 4], 62, tables[1], all_logits=True)]), [4])
+    assert len(calls.decodes) == 3 and len(calls.prefills) == 2  # 62 and 63 decode, then a chunk at 64
+    assert calls.greedy == [True] * 5
+    calls.clear()
+    check_logits(runner.forward([StepInput([5], 41, tables[1])]), [1], config)
+    assert calls.greedy == [False]
 
 
 def test_runner_refuses_inputs_past_the_context(mock_device: Callable[[str | Path], ttnn.MeshDevice]) -> None:

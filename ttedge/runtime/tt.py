@@ -2,11 +2,12 @@
 
 Two layers, so that the TT validation tier (ttnn, no torch) can run everything that touches the device:
 
-- ``TtDeviceRunner`` takes ``StepInput`` lists and returns numpy float32 logits. It maps block tables onto
-  device page tables and splits a step into batched decode steps and per-sequence prefill chunks
-  (``tt_host``), runs them on the ``Transformer`` and reads the logits back, cut to the real vocabulary.
+- ``TtDeviceRunner`` takes ``StepInput`` lists and returns numpy float32 logits, or greedy token ids
+  computed on the device. It maps block tables onto device page tables and splits a step into batched
+  decode steps and per-sequence prefill chunks (``tt_host``), runs them on the ``Transformer`` (decode
+  traced on a card) and reads the results back, logits cut to the real vocabulary.
 - ``TtModelRunner`` is the engine's runner: it owns the ``BlockAllocator`` over the device's KV blocks and
-  hands the logits over as torch tensors.
+  hands the results over as torch tensors.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import ttnn
 
 from ttedge.config import ModelConfig
 from ttedge.model_zoo import PrecisionPreset
+from ttedge.models.llama.tt.greedy import token_ids_to_host
 from ttedge.models.llama.tt.model import Transformer, logits_to_host
 from ttedge.models.llama.tt.model_config import TILE
+from ttedge.models.llama.tt.traced_decode import TracedDecode
 from ttedge.models.llama.tt.weights import check_config
 from ttedge.runtime.base import DeviceUnavailable, StepInput
 from ttedge.runtime.tt_host import (
     MOCK_CLUSTER_VARIABLE,
     DecodeStep,
-    LogitsRows,
+    OutputRows,
     PageTables,
     PrefillChunk,
     blocks_needed,
@@ -44,6 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# DRAM kept for decode traces (ttnn's default trace region is 0 bytes). Headroom for the commands of two
+# decode traces (logits and greedy), not a measured size: tt-metal's model tests reserve 10 to 100 MB.
+DECODE_TRACE_REGION_BYTES = 32 * 2**20
+
 
 def open_tt_device() -> ttnn.MeshDevice:
     """Open the first Tenstorrent chip, or raise ``DeviceUnavailable`` saying why not."""
@@ -55,7 +62,7 @@ def open_tt_device() -> ttnn.MeshDevice:
             MOCK_CLUSTER_VARIABLE,
         )
     try:
-        return ttnn.open_device(device_id=0)
+        return ttnn.open_device(device_id=0, trace_region_size=DECODE_TRACE_REGION_BYTES)
     except RuntimeError as err:
         # Without a card the driver asserts ("TT_FATAL ... No chips detected in the cluster").
         if "No chips detected" in str(err):
@@ -67,7 +74,12 @@ def open_tt_device() -> ttnn.MeshDevice:
 
 class TtDeviceRunner:
     """The device-facing runner: numpy in and out, one chip, a paged KV cache of ``num_blocks`` blocks that
-    the engine hands out, plus one scratch block (``tt_host.PageTables``)."""
+    the engine hands out, plus one scratch block (``tt_host.PageTables``).
+
+    ``traced_decode``: decode steps captured once and replayed (``TracedDecode``; the device needs a trace
+    region, as ``open_tt_device`` reserves). By default on a card, never on a mock cluster, where capture
+    crashes; untraced decode runs the same ops.
+    """
 
     def __init__(
         self,
@@ -78,52 +90,69 @@ class TtDeviceRunner:
         num_blocks: int,
         max_model_len: int,
         ttlang_kernels: bool = False,
+        traced_decode: bool | None = None,
     ):
         self.config = config
         self.max_model_len = max_model_len
         self.pages = PageTables(num_blocks, blocks_needed(max_model_len))
         self.model = Transformer(mesh, config, tensors, preset, self.pages.device_blocks, ttlang_kernels)
+        if traced_decode is None:
+            traced_decode = not os.environ.get(MOCK_CLUSTER_VARIABLE)
+        self.traced_decode = TracedDecode(self.model) if traced_decode else None
 
     def forward(self, inputs: Sequence[StepInput]) -> list[np.ndarray]:
         """Logits per input, float32 ``[n, vocab_size]``: ``n = len(token_ids)`` with ``all_logits``,
         else 1."""
+        return self._run(inputs, greedy=False)
+
+    def greedy_tokens(self, inputs: Sequence[StepInput]) -> list[np.ndarray]:
+        """As ``forward``, but each row's argmax token id, int64 ``[n]``, computed on the device: only the
+        ids are read back."""
+        return self._run(inputs, greedy=True)
+
+    def _run(self, inputs: Sequence[StepInput], greedy: bool) -> list[np.ndarray]:
         for index, step in enumerate(inputs):
             if step.start + len(step.token_ids) > self.max_model_len:
                 raise ValueError(
                     f"input {index} reaches position {step.start + len(step.token_ids)}, past the "
                     f"{self.max_model_len}-token context"
                 )
-        logits = LogitsRows(inputs)
+        outputs = OutputRows(inputs)
         for work in plan_steps(inputs):
             if isinstance(work, DecodeStep):
-                self._decode(work, logits)
+                self._decode(work, outputs, greedy)
             else:
-                self._prefill(work, logits)
-        return logits.results()
+                self._prefill(work, outputs, greedy)
+        return outputs.results()
 
-    def _decode(self, step: DecodeStep, logits: LogitsRows) -> None:
+    def _decode(self, step: DecodeStep, outputs: OutputRows, greedy: bool) -> None:
         batch = self.pages.decode_batch(step.tokens)
-        out = self.model.decode(batch.tokens, batch.positions, batch.page_table)
+        decode = self.traced_decode or self.model.decode
+        out = decode(batch.tokens, batch.positions, batch.page_table, greedy)
         if not any(token.keep_logits for token in step.tokens):
             return  # tokens on the way to a block boundary before a prefill: nothing reads their logits
-        rows = logits_to_host(out, slice(0, len(step.tokens)), self.config.vocab_size)
+        rows = self._to_host(out, slice(0, len(step.tokens)), greedy)
         for slot, token in enumerate(step.tokens):
             if token.keep_logits:
-                logits.add(token.input_index, rows[slot : slot + 1])
+                outputs.add(token.input_index, rows[slot : slot + 1])
 
-    def _prefill(self, chunk: PrefillChunk, logits: LogitsRows) -> None:
+    def _prefill(self, chunk: PrefillChunk, outputs: OutputRows, greedy: bool) -> None:
         n = len(chunk.tokens)
         out = self.model.prefill(
             np.asarray(chunk.tokens, np.uint32),
             self.pages.row(chunk.block_table),
             chunk.start,
             all_rows=chunk.all_rows,
+            greedy=greedy,
         )
         if not chunk.keep_logits:
             return
         # Without all_rows the device returned the last token's tile row only.
         rows = slice(0, n) if chunk.all_rows else slice((n - 1) % TILE, (n - 1) % TILE + 1)
-        logits.add(chunk.input_index, logits_to_host(out, rows, self.config.vocab_size))
+        outputs.add(chunk.input_index, self._to_host(out, rows, greedy))
+
+    def _to_host(self, out: ttnn.Tensor, rows: slice, greedy: bool) -> np.ndarray:
+        return token_ids_to_host(out, rows) if greedy else logits_to_host(out, rows, self.config.vocab_size)
 
 
 # tt_transformers' default precision when a checkpoint matches no model card with a TT preset.
@@ -156,17 +185,30 @@ class TtModelRunner:
         kv_cache_bytes: int,
         max_model_len: int | None = None,
         ttlang_kernels: bool = False,
+        traced_decode: bool | None = None,
     ) -> TtModelRunner:
-        """``ttlang_kernels``: the port's TT-Lang kernels where tt-lang is installed (``Transformer``)."""
+        """``ttlang_kernels``: the port's TT-Lang kernels where tt-lang is installed (``Transformer``);
+        ``traced_decode``: see ``TtDeviceRunner``."""
         config = checkpoint.config
         check_config(config)  # before converting every weight
         # The port prepares weights from float32 numpy arrays (ttedge/models/llama/tt/weights.py).
         tensors = {name: source.load().float().numpy() for name, source in checkpoint.tensors.items()}
         context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         num_blocks = kv_cache_blocks(config, preset.kv_cache, kv_cache_bytes)
-        return cls(TtDeviceRunner(mesh, config, tensors, preset, num_blocks, context, ttlang_kernels))
+        return cls(
+            TtDeviceRunner(mesh, config, tensors, preset, num_blocks, context, ttlang_kernels, traced_decode)
+        )
 
     def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
         import torch
 
         return [torch.from_numpy(rows) for rows in self.device.forward(inputs)]
+
+    def run_greedy(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        """As ``run``, but each row's argmax token id (int64 ``[n]``) instead of its logits, picked on the
+        device so that only token ids cross PCIe. For steps where every sequence decodes greedily and asks
+        for no logprobs. Both argmaxes see the same bfloat16 logits; where several are equal, which of them
+        ttnn's argmax picks is not documented (torch picks the first)."""
+        import torch
+
+        return [torch.from_numpy(ids) for ids in self.device.greedy_tokens(inputs)]

@@ -4,7 +4,7 @@
 - the device page tables: the engine's block tables mapped onto ``[users, blocks_per_user]`` int32 rows,
   with one scratch block that belongs to no sequence;
 - the plan of one ``run()``: which inputs go to batched decode steps and which to prefill chunks;
-- collecting each input's logits rows in token order;
+- collecting each input's output rows (logits, or greedy token ids) in token order;
 - how many KV blocks a memory budget buys at a card preset's KV dtype.
 
 Kept apart from ``ttedge.runtime.tt`` so that both test tiers can check it: the CPU suite has no ttnn and
@@ -231,8 +231,9 @@ def plan_steps(
     return steps
 
 
-class LogitsRows:
-    """Each input's logits rows as pieces deliver them, checked against what the input asked for."""
+class OutputRows:
+    """Each input's output rows as pieces deliver them (logits ``[k, vocab]`` or token ids ``[k]``), checked
+    against what the input asked for."""
 
     def __init__(self, inputs: Sequence[StepInput]):
         self.expected = [len(step.token_ids) if step.all_logits else 1 for step in inputs]
@@ -242,12 +243,11 @@ class LogitsRows:
         self.rows[input_index].append(rows)
 
     def results(self) -> list[np.ndarray]:
-        """float32 ``[n, vocab]`` per input, in input order."""
+        """``n`` rows per input, in input order."""
         out = []
         for index, (rows, expected) in enumerate(zip(self.rows, self.expected, strict=True)):
             got = sum(r.shape[0] for r in rows)
             if got != expected:
-                raise AssertionError(f"input {index} got {got} logits rows, expected {expected}")
-            stacked = np.concatenate(rows).astype(np.float32, copy=False)
-            out.append(stacked)
+                raise AssertionError(f"input {index} got {got} output rows, expected {expected}")
+            out.append(np.concatenate(rows))
         return out
