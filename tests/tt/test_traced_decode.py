@@ -78,11 +78,14 @@ def test_persistent_inputs_update_in_place_and_feed_the_replayed_ops(
 
 class RecordedTraceCalls:
     """Stands in for ttnn's trace calls, which crash on a mock, and records them; ops issued between
-    begin and end run eagerly."""
+    begin and end run eagerly. Also checks that the ops between begin and end add no program to the
+    device's program cache: a capture records commands and cannot load new kernel binaries, so the
+    compile run before it must have built every program the captured step uses."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.events: list[tuple[str, Any]] = []
         self.next_id = 0
+        self.programs_at_begin = 0
         monkeypatch.setattr(ttnn, "begin_trace_capture", self.begin)
         monkeypatch.setattr(ttnn, "end_trace_capture", self.end)
         monkeypatch.setattr(ttnn, "execute_trace", self.execute)
@@ -90,9 +93,11 @@ class RecordedTraceCalls:
     def begin(self, mesh: ttnn.MeshDevice, *, cq_id: int) -> int:
         self.next_id += 1
         self.events.append(("begin", self.next_id))
+        self.programs_at_begin = mesh.num_program_cache_entries()
         return self.next_id
 
     def end(self, mesh: ttnn.MeshDevice, trace_id: int, *, cq_id: int) -> None:
+        assert mesh.num_program_cache_entries() == self.programs_at_begin, "a program was built in capture"
         self.events.append(("end", trace_id))
 
     def execute(self, mesh: ttnn.MeshDevice, trace_id: int, *, cq_id: int, blocking: bool) -> None:
