@@ -74,7 +74,7 @@ class RotarySetup:
     Decode cos/sin are built on the host per step; a traced decode copies them into its persistent device
     tensors before each replay (``traced_decode.py``). tt_transformers instead keeps the whole table in DRAM
     and gathers rows on the device with ``ttnn.embedding``, which sends 32 positions over PCIe rather than
-    two 128 KiB tables -- a next step.
+    two tables of 32 x 32 x head_dim bfloat16 (128 KiB each at head_dim 64) -- a next step.
     """
 
     def __init__(self, mesh: ttnn.MeshDevice, spec: DeviceSpec, config: ModelConfig, inv_freq: np.ndarray):
