@@ -13,7 +13,7 @@ hardware tier's test (tests/runtime/test_tt_hardware.py).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +124,12 @@ def test_traced_decode_captures_once_per_output_kind_and_replays(
     runs: list[tuple[DecodeTensors, bool]] = []
     decode_on_device = runner.model.decode_on_device
 
-    def record_run(step: DecodeTensors, greedy: bool = False) -> ttnn.Tensor:
+    def record_run(
+        step: DecodeTensors, greedy: bool = False, cache_updates: Sequence[ttnn.Tensor] | None = None
+    ) -> ttnn.Tensor:
         runs.append((step, greedy))
         trace.events.append(("ops", greedy))
-        return decode_on_device(step, greedy)
+        return decode_on_device(step, greedy, cache_updates)
 
     monkeypatch.setattr(runner.model, "decode_on_device", record_run)
     copies: list[int] = []
@@ -174,6 +176,12 @@ def test_traced_decode_captures_once_per_output_kind_and_replays(
     ]
     assert all(inputs is traced.inputs for inputs, _ in runs)
     assert tuple(traced.traces[True][1].shape) == (1, 1, BATCH)
+
+    # Drafts verified inside a block (several cache updates) run untraced: ops, no capture, no replay.
+    trace.events.clear()
+    out = runner.forward([StepInput([1, 2, 3], 45, tables[0], all_logits=True)])
+    assert [o.shape for o in out] == [(3, TINY.vocab_size)]
+    assert trace.events == [("ops", False)] and runs[-1][0] is not traced.inputs
 
 
 def test_runner_decodes_untraced_on_a_mock_cluster(

@@ -29,6 +29,7 @@ from ttedge.models.llama.tt.traced_decode import TracedDecode
 from ttedge.models.llama.tt.weights import check_config
 from ttedge.runtime.base import DeviceUnavailable, StepInput
 from ttedge.runtime.tt_host import (
+    DECODE_BATCH,
     MOCK_CLUSTER_VARIABLE,
     DecodeStep,
     OutputRows,
@@ -127,8 +128,13 @@ class TtDeviceRunner:
 
     def _decode(self, step: DecodeStep, outputs: OutputRows, greedy: bool) -> None:
         batch = self.pages.decode_batch(step.tokens)
-        decode = self.traced_decode or self.model.decode
-        out = decode(batch.tokens, batch.positions, batch.page_table, greedy)
+        if len(batch.cache_updates) == 1:
+            decode = self.traced_decode or self.model.decode
+            out = decode(batch.tokens, batch.positions, batch.page_table, greedy)
+        else:  # drafts verified inside a block: untraced, each with its number of cache updates
+            out = self.model.decode(
+                batch.tokens, batch.positions, batch.page_table, greedy, batch.cache_updates
+            )
         if not any(token.keep_logits for token in step.tokens):
             return  # tokens on the way to a block boundary before a prefill: nothing reads their logits
         rows = self._to_host(out, slice(0, len(step.tokens)), greedy)
@@ -171,9 +177,9 @@ class TtModelRunner:
         self.device = device
         self.config: ModelConfig = device.config
         self.max_model_len = device.max_model_len
-        # Verification runs as decode steps of the padded 32-user batch, position by position: extra rows
-        # do not widen a step.
-        self.cheap_rows: int | None = None
+        # A decode step has DECODE_BATCH slots, and drafts verified inside a block take one slot per token
+        # (tt_host.plan_steps): past that many rows a step needs a second forward.
+        self.cheap_rows: int | None = DECODE_BATCH
         self.allocator = BlockAllocator(device.pages.num_blocks)
 
     @classmethod

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -85,14 +85,28 @@ class Transformer:
         self.lm_head = LMHead(mesh, host.lm_head)
 
     def decode(
-        self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray, greedy: bool = False
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        page_table: np.ndarray,
+        greedy: bool = False,
+        cache_updates: np.ndarray | None = None,
     ) -> ttnn.Tensor:
-        """One token for each of ``BATCH`` users: ``tokens`` and ``positions`` ``[BATCH]``, ``page_table``
+        """One token for each of ``BATCH`` slots: ``tokens`` and ``positions`` ``[BATCH]``, ``page_table``
         ``[BATCH, blocks_per_user]``. Returns logits ``[1, 1, BATCH, padded vocab]`` on the device (columns
-        from ``config.vocab_size`` on are padding), or with ``greedy`` each user's argmax token id, uint32
-        ``[1, 1, BATCH]``."""
+        from ``config.vocab_size`` on are padding), or with ``greedy`` each slot's argmax token id, uint32
+        ``[1, 1, BATCH]``.
+
+        Slots are users; with ``cache_updates`` ``[waves, BATCH]`` (``tt_host.DecodeBatch``) several may be
+        one user at consecutive positions over the same page table row. The cache updates all run before
+        attention, so each slot attends to exactly the K/V that decoding the tokens one by one gives."""
         step = self.decode_inputs_to_device(self.decode_host_inputs(tokens, positions, page_table))
-        return self.decode_on_device(step, greedy)
+        updates = None
+        if cache_updates is not None:
+            updates = [
+                host_tensor(row, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(self.mesh) for row in cache_updates
+            ]
+        return self.decode_on_device(step, greedy, updates)
 
     def decode_host_inputs(
         self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray
@@ -118,12 +132,16 @@ class Transformer:
             sin=host.sin.to(self.mesh, self.rope.cos_sin_memory),
         )
 
-    def decode_on_device(self, step: DecodeTensors, greedy: bool = False) -> ttnn.Tensor:
-        """The decode step's ops over inputs already on the device: what a traced decode captures."""
+    def decode_on_device(
+        self, step: DecodeTensors, greedy: bool = False, cache_updates: Sequence[ttnn.Tensor] | None = None
+    ) -> ttnn.Tensor:
+        """The decode step's ops over inputs already on the device: what a traced decode captures (with
+        the one cache update at ``step.positions``, the default)."""
         layer_inputs = DecodeInputs(
             positions=step.positions,
             page_table=step.page_table,
             rotary=RotaryInputs(cos=step.cos, sin=step.sin, trans_mat=self.rope.trans_mat),
+            cache_updates=(step.positions,) if cache_updates is None else cache_updates,
         )
         x = self.embedding(step.tokens)
         for layer in self.layers:
