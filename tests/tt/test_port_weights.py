@@ -103,7 +103,9 @@ def test_rotation_against_the_torch_reference(config: ModelConfig) -> None:
     rope = RotaryEmbedding(torch.from_numpy(reference_freq), 4096, torch.float64)
     positions = np.array([0, 7, 4095])
     x = np.random.default_rng(4).standard_normal((3, config.num_heads, config.head_dim))
-    expected = rope(torch.from_numpy(x), rope.cos[positions].unsqueeze(1), rope.sin[positions].unsqueeze(1))
+    expected = rope(
+        torch.from_numpy(x), rope.cos[positions].unsqueeze(1), rope.signed_sin[positions].unsqueeze(1)
+    )
     meta = hf_to_meta_rows(x.reshape(3, -1).T, config.num_heads).T.reshape(x.shape)
     cos, sin = interleaved_cos_sin(reference_freq, positions)
     got = kernel_rope(meta, cos, sin)
