@@ -1,9 +1,10 @@
 """The TT backend against the torch reference on a real Tenstorrent card (hardware tier, `-m tt_hardware`).
 
-Both runners get the same steps: prompts of different lengths prefilled for three users, then batched
-decode steps fed the reference's greedy tokens (so one near-tie cannot derail the rest). Every logits row
-of the card must correlate with the reference's at PCC >= 0.99 (tt_transformers' bar for its model
-tests) and pick the same greedy token.
+Against the reference, both runners get the same steps: prompts of different lengths prefilled for three
+users, then batched decode steps fed the reference's greedy tokens (so one near-tie cannot derail the
+rest). Every logits row of the card must correlate with the reference's at PCC >= 0.99 (tt_transformers'
+bar for its model tests) and pick the same greedy token. Traced decode and greedy ids picked on the
+device are checked against the card's own untraced decode.
 
 Skipped where there is no card: without ttnn, without a device node, and on the TT validation tier's mock
 clusters, which validate ops but compute nothing. Runs with ttnn and torch in one environment
@@ -13,7 +14,7 @@ clusters, which validate ops but compute nothing. Runs with ttnn and torch in on
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,28 +71,110 @@ def preset(name: str) -> PrecisionPreset:
     return card.tt.preset(name)
 
 
+class Lockstep:
+    """Runners fed the same steps for the same users, each runner with its own block tables."""
+
+    def __init__(self, runners: Sequence[ModelRunner], users: int):
+        self.runners = runners
+        self.tables: list[list[list[int]]] = [[[] for _ in range(users)] for _ in runners]
+        self.lengths = [0] * users
+
+    def inputs(self, new_tokens: list[list[int]], all_logits: bool = False) -> list[list[StepInput]]:
+        """Each runner's inputs for the users' next tokens, which the users' lengths then include."""
+        per_runner = []
+        for runner, tables in zip(self.runners, self.tables, strict=True):
+            steps = []
+            for user, tokens in enumerate(new_tokens):
+                runner.allocator.grow_table(tables[user], self.lengths[user] + len(tokens))
+                steps.append(StepInput(tokens, self.lengths[user], tables[user], all_logits))
+            per_runner.append(steps)
+        for user, tokens in enumerate(new_tokens):
+            self.lengths[user] += len(tokens)
+        return per_runner
+
+
+def check_rows(got: list[torch.Tensor], want: list[torch.Tensor], where: str) -> None:
+    """Every row of every user: PCC >= MIN_PCC against the reference and the same greedy token."""
+    for user, (tt_rows, ref_rows) in enumerate(zip(got, want, strict=True)):
+        assert tt_rows.shape == ref_rows.shape, f"user {user}, {where}"
+        for row, (g, w) in enumerate(zip(tt_rows, ref_rows, strict=True)):
+            at = f"user {user}, {where}, row {row}"
+            assert pcc(g, w) >= MIN_PCC, f"{at}: PCC {pcc(g, w):.4f}"
+            assert int(g.argmax()) == int(w.argmax()), f"{at}: greedy tokens differ"
+
+
 def compare(tt: ModelRunner, reference: ModelRunner, prompts: list[list[int]]) -> None:
     """Prefill every prompt, then decode DECODE_STEPS tokens for all users at once, checking every step."""
-    tt_tables: list[list[int]] = [[] for _ in prompts]
-    ref_tables: list[list[int]] = [[] for _ in prompts]
-    lengths = [0] * len(prompts)
+    lockstep = Lockstep([tt, reference], len(prompts))
     new_tokens = [list(p) for p in prompts]
     for step in range(DECODE_STEPS + 1):
-        inputs: dict[str, list[StepInput]] = {"tt": [], "reference": []}
-        for user, tokens in enumerate(new_tokens):
-            for runner, tables, key in ((tt, tt_tables, "tt"), (reference, ref_tables, "reference")):
-                runner.allocator.grow_table(tables[user], lengths[user] + len(tokens))
-                inputs[key].append(StepInput(tokens, lengths[user], tables[user]))
-        tt_logits = tt.run(inputs["tt"])
-        ref_logits = reference.run(inputs["reference"])
-        for user, (got, want) in enumerate(zip(tt_logits, ref_logits, strict=True)):
-            where = f"user {user}, {'prefill' if step == 0 else f'decode step {step}'}"
-            assert got.shape == want.shape == (1, reference.config.vocab_size), where
-            assert pcc(got, want) >= MIN_PCC, f"{where}: PCC {pcc(got, want):.4f}"
-            assert int(got.argmax()) == int(want.argmax()), f"{where}: greedy tokens differ"
-        for user, tokens in enumerate(new_tokens):
-            lengths[user] += len(tokens)
-        new_tokens = [[int(logits.argmax())] for logits in ref_logits]
+        tt_inputs, ref_inputs = lockstep.inputs(new_tokens)
+        want = reference.run(ref_inputs)
+        check_rows(tt.run(tt_inputs), want, "prefill" if step == 0 else f"decode step {step}")
+        new_tokens = [[int(logits.argmax())] for logits in want]
+
+
+def tiny_checkpoint(tmp_path: Path) -> Checkpoint:
+    """hidden 128, 4/2 heads of 32: the smallest shapes the port tiles."""
+    config = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
+    return load_checkpoint(write_hf_checkpoint(tmp_path, config, random_state_dict(config)))
+
+
+def test_traced_decode_and_greedy_ids_equal_untraced_decode(tt_mesh: Any, tmp_path: Path) -> None:
+    """Two TT runners of one tiny model on the card, traced and untraced decode, fed the same steps.
+    Decode steps alternate between logits, which must be bit-identical (a replay runs the captured
+    programs on the same inputs), and greedy ids picked on the device, which must be an argmax of the
+    untraced logits. So both traces are captured, each replayed several times with positions and page
+    tables updated in place; prefill is greedy on the device too."""
+    from ttedge.runtime.tt import TtModelRunner
+
+    checkpoint = tiny_checkpoint(tmp_path)
+    traced, untraced = (
+        TtModelRunner.from_checkpoint(
+            tt_mesh, checkpoint, preset("accuracy"), KV_CACHE_BYTES, CONTEXT, traced_decode=flag
+        )
+        for flag in (True, False)
+    )
+    assert traced.device.traced_decode is not None and untraced.device.traced_decode is None
+    new_tokens = prompts(checkpoint.config.vocab_size)
+    lockstep = Lockstep([traced, untraced], len(new_tokens))
+    for step in range(DECODE_STEPS + 1):
+        traced_inputs, untraced_inputs = lockstep.inputs(new_tokens)
+        want = untraced.run(untraced_inputs)
+        if step % 2 == 0:  # the prefill, and every other decode step: ids only
+            for user, (ids, logits) in enumerate(zip(traced.run_greedy(traced_inputs), want, strict=True)):
+                assert ids.shape == (1,), f"user {user}, step {step}"
+                # Equal logits may tie; the device's pick must be one of the largest.
+                assert logits[0, int(ids[0])] == logits.max(), f"user {user}, step {step}: not the argmax"
+        else:
+            for user, (got, logits) in enumerate(zip(traced.run(traced_inputs), want, strict=True)):
+                assert torch.equal(got, logits), f"user {user}, decode step {step}: traced differs"
+        new_tokens = [[int(logits.argmax())] for logits in want]
+
+
+def test_drafts_verified_inside_a_block_match_the_reference(tt_mesh: Any, tmp_path: Path) -> None:
+    """After prompts of 40, 70 and 5 tokens (each ends inside a block), every user verifies 6 tokens with
+    every row's logits: on the card one decode step with a slot per token, the cache updated in 6 waves
+    that skip the other slots (tt_host.DecodeBatch). Every row must match the reference; a decode step
+    after it reads the K/V the waves wrote."""
+    checkpoint = tiny_checkpoint(tmp_path)
+    vocab_size = checkpoint.config.vocab_size
+    tt, reference = runners(tt_mesh, checkpoint, preset("accuracy"))
+    user_prompts = prompts(vocab_size)
+    lockstep = Lockstep([tt, reference], len(user_prompts))
+    tt_inputs, ref_inputs = lockstep.inputs(user_prompts)
+    want = reference.run(ref_inputs)
+    check_rows(tt.run(tt_inputs), want, "prefill")
+    generator = torch.Generator().manual_seed(7)
+    drafts = [
+        [int(logits.argmax()), *torch.randint(0, vocab_size, (5,), generator=generator).tolist()]
+        for logits in want
+    ]
+    tt_inputs, ref_inputs = lockstep.inputs(drafts, all_logits=True)
+    want = reference.run(ref_inputs)
+    check_rows(tt.run(tt_inputs), want, "verification")
+    tt_inputs, ref_inputs = lockstep.inputs([[int(rows[-1].argmax())] for rows in want])
+    check_rows(tt.run(tt_inputs), reference.run(ref_inputs), "decode after the verification")
 
 
 def runners(mesh: Any, checkpoint: Checkpoint, precision: PrecisionPreset) -> tuple[ModelRunner, ModelRunner]:
@@ -108,11 +191,10 @@ def prompts(vocab_size: int) -> list[list[int]]:
 
 
 def test_tiny_random_model_matches_the_reference(tt_mesh: Any, tmp_path: Path) -> None:
-    """hidden 128, 4/2 heads of 32: the smallest shapes the port tiles, bfloat16 throughout."""
-    config = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
-    checkpoint = load_checkpoint(write_hf_checkpoint(tmp_path, config, random_state_dict(config)))
+    """The tiny model, bfloat16 throughout."""
+    checkpoint = tiny_checkpoint(tmp_path)
     tt, reference = runners(tt_mesh, checkpoint, preset("accuracy"))
-    compare(tt, reference, prompts(config.vocab_size))
+    compare(tt, reference, prompts(checkpoint.config.vocab_size))
 
 
 @pytest.mark.slow

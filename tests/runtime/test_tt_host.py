@@ -1,5 +1,5 @@
 """The TT backend's host side (ttedge.runtime.tt_host), which needs neither ttnn nor a card: block tables
-as device page tables, the plan of a step (batched decodes, prefill chunks), logits collection, KV
+as device page tables, the plan of a step (batched decodes, prefill chunks), output rows, KV
 budget, and the checks that make `--device tt` fail with one clear line where it cannot run."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ttedge.runtime.tt_host import (
     DEFAULT_PRESET,
     DecodeStep,
     DecodeToken,
-    LogitsRows,
+    OutputRows,
     PageTables,
     PrefillChunk,
     check_tt_device,
@@ -63,6 +63,32 @@ def test_decode_batch_fills_slots_in_order_and_pads_the_rest() -> None:
         pages.decode_batch([tokens[0]] * 33)
 
 
+def test_slots_of_one_sequence_update_the_cache_in_waves() -> None:
+    """Two slots of one sequence never update the cache together (their rows share tiles): wave w writes
+    the w-th slot of every sequence and skips the rest. Padded slots write with the first wave."""
+    pages = PageTables(num_blocks=10, blocks_per_user=3)
+    tokens = [
+        DecodeToken(0, 5, 40, [4, 1], True),
+        DecodeToken(0, 6, 41, [4, 1], True),
+        DecodeToken(0, 7, 42, [4, 1], True),
+        DecodeToken(1, 9, 3, [8], True),
+        DecodeToken(2, 2, 62, [0, 2, 3], True),
+        DecodeToken(2, 3, 63, [0, 2, 3], True),
+    ]
+    batch = pages.decode_batch(tokens)
+    skip = tt_host.SKIP_UPDATE
+    assert batch.cache_updates.dtype == np.int32 and batch.cache_updates.shape == (3, DECODE_BATCH)
+    assert batch.cache_updates[:, :6].tolist() == [
+        [40, skip, skip, 3, 62, skip],
+        [skip, 41, skip, skip, skip, 63],
+        [skip, skip, 42, skip, skip, skip],
+    ]
+    assert (batch.cache_updates[0, 6:] == 0).all() and (batch.cache_updates[1:, 6:] == skip).all()
+    # One slot per sequence: one update, at the positions.
+    single = pages.decode_batch([tokens[0], tokens[3]])
+    assert single.cache_updates.tolist() == [single.positions.tolist()]
+
+
 def test_single_tokens_batch_into_decode_steps_of_32() -> None:
     inputs = [StepInput([i], 20 + i % 10, [i]) for i in range(40)]
     steps = plan_steps(inputs)
@@ -90,44 +116,63 @@ def test_long_prompts_go_in_chunks_that_keep_only_the_last_logits() -> None:
     ]
 
 
-def test_tokens_before_the_next_block_boundary_go_through_decode() -> None:
-    """Prefill fills whole blocks, so a run starting inside a block decodes up to the boundary first."""
-    steps = plan_steps([StepInput(list(range(30)), 40, [1, 2, 3])])
-    decodes = [s for s in steps if isinstance(s, DecodeStep)]
-    assert [len(s.tokens) for s in decodes] == [1] * 24
-    assert [s.tokens[0].position for s in decodes] == list(range(40, 64))
-    assert not any(s.tokens[0].keep_logits for s in decodes)
-    assert steps[-1] == PrefillChunk(0, list(range(24, 30)), 64, [1, 2, 3], keep_logits=True, all_rows=False)
-    # Ending before the boundary: decode only, the last token's logits kept.
-    steps = plan_steps([StepInput([7, 8, 9], 33, [1, 2])])
-    assert [(s.tokens[0].position, s.tokens[0].keep_logits) for s in steps if isinstance(s, DecodeStep)] == [
-        (33, False),
-        (34, False),
-        (35, True),
-    ]
+def test_a_run_inside_a_block_decodes_in_one_step_one_slot_per_token() -> None:
+    """Prefill fills whole blocks, so a run starting inside a block decodes: all of it in one step when it
+    fits the 32 slots, the last token's logits kept."""
+    [step] = plan_steps([StepInput(list(range(30)), 40, [1, 2, 3])])
+    assert isinstance(step, DecodeStep)
+    assert [(t.token, t.position) for t in step.tokens] == [(j, 40 + j) for j in range(30)]
+    assert [t.keep_logits for t in step.tokens] == [False] * 29 + [True]
+    assert all(t.block_table == [1, 2, 3] for t in step.tokens)
+    [step] = plan_steps([StepInput([7, 8, 9], 33, [1, 2])])
+    assert isinstance(step, DecodeStep)
+    assert [(t.position, t.keep_logits) for t in step.tokens] == [(33, False), (34, False), (35, True)]
 
 
-def test_verification_keeps_every_position() -> None:
-    steps = plan_steps([StepInput([1, 2, 3, 4], 62, [0, 1, 2], all_logits=True)])
-    assert [(s.tokens[0].position, s.tokens[0].keep_logits) for s in steps if isinstance(s, DecodeStep)] == [
-        (62, True),
-        (63, True),
+def test_a_longer_run_inside_a_block_decodes_to_the_boundary_then_prefills() -> None:
+    first, second = plan_steps([StepInput(list(range(40)), 40, [1, 2, 3])])
+    assert isinstance(first, DecodeStep)
+    assert [t.position for t in first.tokens] == list(range(40, 64))
+    assert not any(t.keep_logits for t in first.tokens)
+    assert second == PrefillChunk(0, list(range(24, 40)), 64, [1, 2, 3], keep_logits=True, all_rows=False)
+
+
+def test_verification_inside_a_block_is_one_forward_keeping_every_position() -> None:
+    [step] = plan_steps([StepInput([1, 2, 3, 4], 62, [0, 1, 2], all_logits=True)])
+    assert isinstance(step, DecodeStep)
+    assert [(t.token, t.position, t.keep_logits) for t in step.tokens] == [
+        (1, 62, True),
+        (2, 63, True),
+        (3, 64, True),
+        (4, 65, True),
     ]
-    assert steps[-1] == PrefillChunk(0, [3, 4], 64, [0, 1, 2], keep_logits=True, all_rows=True)
+    # From a block boundary, drafts verify in a prefill chunk with every row.
+    [chunk] = plan_steps([StepInput([1, 2, 3, 4], 64, [0, 1, 2], all_logits=True)])
+    assert chunk == PrefillChunk(0, [1, 2, 3, 4], 64, [0, 1, 2], keep_logits=True, all_rows=True)
+
+
+def test_decode_runs_pack_into_steps_of_32_slots_without_being_split() -> None:
+    """Ten sequences verifying 4 tokens each (40 slots): eight runs fill the first step, two the next."""
+    inputs = [StepInput([1, 2, 3, 4], 40, [i, 10 + i], all_logits=True) for i in range(10)]
+    steps = plan_steps(inputs)
+    assert all(isinstance(s, DecodeStep) for s in steps)
+    assert [[t.input_index for t in s.tokens] for s in steps if isinstance(s, DecodeStep)] == [
+        [i for i in range(8) for _ in range(4)],
+        [8] * 4 + [9] * 4,
+    ]
+    steps = plan_steps([StepInput(list(range(30)), 40, [0, 1, 2]), StepInput(list(range(5)), 40, [3, 4])])
+    assert [len(s.tokens) for s in steps if isinstance(s, DecodeStep)] == [30, 5]
 
 
 def test_each_sequence_keeps_its_order_while_others_batch_with_it() -> None:
-    """A decode of sequence 1 rides in the same step as the first head token of sequence 0, whose prefill
-    chunk waits until its head is done."""
+    """Sequence 1's decode rides in the same step as sequence 0's tokens up to its block boundary; sequence
+    0's prefill chunk waits until they are done."""
     inputs = [StepInput(list(range(34)), 30, [0, 1, 2]), StepInput([5], 7, [4])]
     steps = plan_steps(inputs)
     assert isinstance(steps[0], DecodeStep)
-    assert [(t.input_index, t.position) for t in steps[0].tokens] == [(0, 30), (1, 7)]
-    assert isinstance(steps[1], DecodeStep) and [(t.input_index, t.position) for t in steps[1].tokens] == [
-        (0, 31)
-    ]
-    assert isinstance(steps[2], PrefillChunk) and (steps[2].start, len(steps[2].tokens)) == (32, 32)
-    assert len(steps) == 3
+    assert [(t.input_index, t.position) for t in steps[0].tokens] == [(0, 30), (0, 31), (1, 7)]
+    assert isinstance(steps[1], PrefillChunk) and (steps[1].start, len(steps[1].tokens)) == (32, 32)
+    assert len(steps) == 2
 
 
 def test_plan_refuses_tables_too_short_for_the_tokens() -> None:
@@ -137,21 +182,35 @@ def test_plan_refuses_tables_too_short_for_the_tokens() -> None:
         plan_steps([StepInput([], 0, [3])])
 
 
-def test_logits_rows_stack_per_input_and_check_their_count() -> None:
+def test_output_rows_stack_per_input_and_check_their_count() -> None:
     inputs = [StepInput([1, 2, 3], 0, [0], all_logits=True), StepInput([4], 3, [1])]
-    rows = LogitsRows(inputs)
+    rows = OutputRows(inputs)
     rows.add(0, np.zeros((2, 5), np.float32))
     rows.add(1, np.ones((1, 5), np.float32))
     rows.add(0, np.full((1, 5), 2.0, np.float32))
     first, second = rows.results()
     assert first.shape == (3, 5) and first[2, 0] == 2.0 and second.tolist() == [[1.0] * 5]
-    incomplete = LogitsRows(inputs)
+    assert first.dtype == np.float32
+    incomplete = OutputRows(inputs)
     incomplete.add(0, np.zeros((3, 5), np.float32))
     incomplete.add(1, np.zeros((2, 5), np.float32))
-    with pytest.raises(AssertionError, match="input 1 got 2 logits rows, expected 1"):
+    with pytest.raises(AssertionError, match="input 1 got 2 output rows, expected 1"):
         incomplete.results()
-    with pytest.raises(AssertionError, match="input 0 got 0 logits rows, expected 3"):
-        LogitsRows(inputs).results()
+    with pytest.raises(AssertionError, match="input 0 got 0 output rows, expected 3"):
+        OutputRows(inputs).results()
+
+
+def test_output_rows_collect_greedy_token_ids() -> None:
+    """Greedy steps deliver one int64 token id per row; a verification's ids arrive piece by piece (decode
+    tokens up to the block boundary, then a prefill chunk) and come back in token order."""
+    inputs = [StepInput([1, 2, 3], 30, [0, 1], all_logits=True), StepInput([4], 3, [2])]
+    rows = OutputRows(inputs)
+    rows.add(0, np.array([7], np.int64))
+    rows.add(1, np.array([9], np.int64))
+    rows.add(0, np.array([8], np.int64))
+    rows.add(0, np.array([5], np.int64))
+    first, second = rows.results()
+    assert first.tolist() == [7, 8, 5] and first.dtype == np.int64 and second.tolist() == [9]
 
 
 def test_kv_cache_blocks_follow_the_kv_dtype() -> None:

@@ -45,18 +45,29 @@ class DeviceCalls:
     def __init__(self, runner: TtDeviceRunner, monkeypatch: pytest.MonkeyPatch):
         self.decodes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.prefills: list[tuple[np.ndarray, np.ndarray, int, bool]] = []
+        self.greedy: list[bool] = []  # per call, decode or prefill
+        self.waves: list[int] = []  # cache updates per decode call
         model = runner.model
         decode, prefill = model.decode, model.prefill
 
-        def record_decode(tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> Any:
+        def record_decode(
+            tokens: np.ndarray,
+            positions: np.ndarray,
+            page_table: np.ndarray,
+            greedy: bool = False,
+            cache_updates: np.ndarray | None = None,
+        ) -> Any:
             self.decodes.append((tokens.copy(), positions.copy(), page_table.copy()))
-            return decode(tokens, positions, page_table)
+            self.greedy.append(greedy)
+            self.waves.append(1 if cache_updates is None else len(cache_updates))
+            return decode(tokens, positions, page_table, greedy, cache_updates)
 
         def record_prefill(
-            tokens: np.ndarray, row: np.ndarray, start: int = 0, all_rows: bool = False
+            tokens: np.ndarray, row: np.ndarray, start: int = 0, all_rows: bool = False, greedy: bool = False
         ) -> Any:
             self.prefills.append((tokens.copy(), row.copy(), start, all_rows))
-            return prefill(tokens, row, start, all_rows)
+            self.greedy.append(greedy)
+            return prefill(tokens, row, start, all_rows, greedy)
 
         monkeypatch.setattr(model, "decode", record_decode)
         monkeypatch.setattr(model, "prefill", record_prefill)
@@ -64,6 +75,8 @@ class DeviceCalls:
     def clear(self) -> None:
         self.decodes.clear()
         self.prefills.clear()
+        self.greedy.clear()
+        self.waves.clear()
 
 
 def check_logits(out: list[np.ndarray], rows: list[int], config: ModelConfig) -> None:
@@ -111,19 +124,23 @@ def test_runner_prefills_then_decodes_several_users(
         (5, [3, scratch, scratch, scratch], 0),
     ]
 
-    # User a goes on with 30 tokens from position 40 (inside block 2): 24 decode tokens reach the block
-    # boundary, then a 6-token prefill chunk at 64 attends to the cache (chunked SDPA). Its third block
-    # was allocated for it.
+    # User a goes on with 40 tokens from position 40 (inside block 2): 24 tokens reach the block boundary
+    # in one decode step, one slot each (24 cache updates: the slots' rows share tiles, see tt_host),
+    # then a 16-token prefill chunk at 64 attends to the cache (chunked SDPA). Its third block was
+    # allocated for it.
     calls.clear()
     tables["a"].append(9)
-    out = runner.forward([StepInput(prompt(30), 40, tables["a"])])
+    out = runner.forward([StepInput(prompt(40), 40, tables["a"])])
     check_logits(out, [1], config)
-    assert [positions[0] for _, positions, _ in calls.decodes] == list(range(40, 64))
-    assert [(len(t), r.tolist(), s) for t, r, s, _ in calls.prefills] == [(6, [7, 2, 9, scratch], 64)]
+    [(_, slots, page_table)] = calls.decodes
+    assert slots[:24].tolist() == list(range(40, 64)) and (slots[24:] == 0).all()
+    assert (page_table[:24] == [7, 2, 9, scratch]).all() and (page_table[24:] == scratch).all()
+    assert calls.waves == [24]
+    assert [(len(t), r.tolist(), s) for t, r, s, _ in calls.prefills] == [(16, [7, 2, 9, scratch], 64)]
 
     # Several decode steps for the three users at once: each slot gets its user's token, position and
     # page table row; the 29 padded slots write position 0 of the scratch block.
-    positions = {"a": 70, "b": 70, "c": 5}
+    positions = {"a": 80, "b": 70, "c": 5}
     for _ in range(3):
         calls.clear()
         step = [StepInput(prompt(1), positions[u], tables[u]) for u in ("c", "a", "b")]
@@ -137,6 +154,7 @@ def test_runner_prefills_then_decodes_several_users(
         assert page_table[1].tolist() == [7, 2, 9, scratch]
         assert page_table[2].tolist() == [11, 0, 5, scratch]
         assert (page_table[3:] == scratch).all() and (slots[3:] == 0).all()
+        assert calls.waves == [1]
         positions = {u: p + 1 for u, p in positions.items()}
 
     # Verifying 4 drafts of user b from a block boundary: one prefill chunk, every row's logits.
@@ -145,6 +163,58 @@ def test_runner_prefills_then_decodes_several_users(
     out = runner.forward([StepInput(prompt(4), 96, tables["b"], all_logits=True)])
     check_logits(out, [4], config)
     assert [(len(t), s, a) for t, _, s, a in calls.prefills] == [(4, 96, True)]
+
+    # Verifying 5 drafts of user a from inside a block (83) while user c decodes: one decode step, user
+    # a's tokens in slots 0-4 at 83..87 over its page table row, c's in slot 5.
+    calls.clear()
+    out = runner.forward(
+        [StepInput(prompt(5), 83, tables["a"], all_logits=True), StepInput(prompt(1), 8, tables["c"])]
+    )
+    check_logits(out, [5, 1], config)
+    [(_, slots, page_table)] = calls.decodes
+    assert slots[:6].tolist() == [83, 84, 85, 86, 87, 8]
+    assert (page_table[:5] == [7, 2, 9, scratch]).all() and page_table[5].tolist() == [
+        3,
+        scratch,
+        scratch,
+        scratch,
+    ]
+    assert calls.waves == [5] and not calls.prefills
+
+
+@pytest.mark.parametrize("board", ["n150", "p150"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_runner_picks_greedy_tokens_on_the_device(
+    mock_device: Callable[[str | Path], ttnn.MeshDevice],
+    monkeypatch: pytest.MonkeyPatch,
+    board: str,
+    name: str,
+) -> None:
+    """``greedy_tokens`` runs the same device work as ``forward`` with the argmax on the device (untilize,
+    slice off the vocabulary padding, multi-core argmax) and reads back one int64 id per row: a prompt,
+    a decode step for three users, and a verification from inside a block (one decode step, a slot per
+    draft)."""
+    config = CONFIGS[name]
+    runner = TtDeviceRunner(
+        mock_device(board), config, random_weights(config), SMOLLM2_PRESET, NUM_BLOCKS, CONTEXT
+    )
+    calls = DeviceCalls(runner, monkeypatch)
+    tables = [[7, 2], [11, 0, 5], [3, 4]]
+
+    def check_ids(out: list[np.ndarray], rows: list[int]) -> None:
+        assert [o.shape for o in out] == [(n,) for n in rows]
+        assert all(o.dtype == np.int64 and ((o >= 0) & (o < config.vocab_size)).all() for o in out)
+
+    check_ids(runner.greedy_tokens([StepInput(list(range(40)), 0, tables[0])]), [1])
+    check_ids(
+        runner.greedy_tokens([StepInput([5], 40 + u, table) for u, table in enumerate(tables)]), [1, 1, 1]
+    )
+    check_ids(runner.greedy_tokens([StepInput([1, 2, 3, 4], 62, tables[1], all_logits=True)]), [4])
+    assert len(calls.decodes) == 2 and len(calls.prefills) == 1  # the drafts: one decode step, 4 slots
+    assert calls.greedy == [True] * 3
+    calls.clear()
+    check_logits(runner.forward([StepInput([5], 41, tables[1])]), [1], config)
+    assert calls.greedy == [False]
 
 
 def test_runner_refuses_inputs_past_the_context(mock_device: Callable[[str | Path], ttnn.MeshDevice]) -> None:
@@ -167,6 +237,9 @@ def test_model_runner_hands_torch_tensors_to_the_engine(
     )
     runner = TtModelRunner(device)
     assert runner.allocator.num_blocks == NUM_BLOCKS and runner.max_model_len == CONTEXT
+    assert runner.cheap_rows == tt_host.DECODE_BATCH
     table = runner.allocator.allocate(2)
     [logits] = runner.run([StepInput(list(range(40)), 0, table)])
     assert logits.dtype == torch.float32 and logits.shape == (1, TINY.vocab_size)
+    [ids] = runner.run_greedy([StepInput([1, 2, 3], 40, table, all_logits=True)])
+    assert ids.dtype == torch.int64 and ids.shape == (3,)

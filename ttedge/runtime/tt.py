@@ -2,11 +2,12 @@
 
 Two layers, so that the TT validation tier (ttnn, no torch) can run everything that touches the device:
 
-- ``TtDeviceRunner`` takes ``StepInput`` lists and returns numpy float32 logits. It maps block tables onto
-  device page tables and splits a step into batched decode steps and per-sequence prefill chunks
-  (``tt_host``), runs them on the ``Transformer`` and reads the logits back, cut to the real vocabulary.
+- ``TtDeviceRunner`` takes ``StepInput`` lists and returns numpy float32 logits, or greedy token ids
+  computed on the device. It maps block tables onto device page tables and splits a step into batched
+  decode steps and per-sequence prefill chunks (``tt_host``), runs them on the ``Transformer`` (decode
+  traced on a card) and reads the results back, logits cut to the real vocabulary.
 - ``TtModelRunner`` is the engine's runner: it owns the ``BlockAllocator`` over the device's KV blocks and
-  hands the logits over as torch tensors.
+  hands the results over as torch tensors.
 
 Weights go through the on-disk cache (``ttedge.models.llama.tt.weight_cache``): ``convert_checkpoint``
 (``ttedge convert``) fills it without opening a device, and a later start reads no weight of the checkpoint.
@@ -27,8 +28,10 @@ from tqdm import tqdm
 
 from ttedge.config import ModelConfig
 from ttedge.model_zoo import PrecisionPreset
+from ttedge.models.llama.tt.greedy import token_ids_to_host
 from ttedge.models.llama.tt.model import Transformer, logits_to_host
 from ttedge.models.llama.tt.model_config import TILE
+from ttedge.models.llama.tt.traced_decode import TracedDecode
 from ttedge.models.llama.tt.weight_cache import (
     SINGLE_CHIP,
     WeightCache,
@@ -39,9 +42,10 @@ from ttedge.models.llama.tt.weight_cache import (
 from ttedge.models.llama.tt.weights import check_config, convert_model
 from ttedge.runtime.base import DeviceUnavailable, StepInput
 from ttedge.runtime.tt_host import (
+    DECODE_BATCH,
     MOCK_CLUSTER_VARIABLE,
     DecodeStep,
-    LogitsRows,
+    OutputRows,
     PageTables,
     PrefillChunk,
     blocks_needed,
@@ -58,6 +62,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# DRAM kept for decode traces (ttnn's default trace region is 0 bytes). Headroom for the commands of two
+# decode traces (logits and greedy), not a measured size: tt-metal's model tests reserve 10 to 100 MB.
+DECODE_TRACE_REGION_BYTES = 32 * 2**20
+
 
 def open_tt_device() -> ttnn.MeshDevice:
     """Open the first Tenstorrent chip, or raise ``DeviceUnavailable`` saying why not."""
@@ -69,7 +77,7 @@ def open_tt_device() -> ttnn.MeshDevice:
             MOCK_CLUSTER_VARIABLE,
         )
     try:
-        return ttnn.open_device(device_id=0)
+        return ttnn.open_device(device_id=0, trace_region_size=DECODE_TRACE_REGION_BYTES)
     except RuntimeError as err:
         # Without a card the driver asserts ("TT_FATAL ... No chips detected in the cluster").
         if "No chips detected" in str(err):
@@ -81,7 +89,12 @@ def open_tt_device() -> ttnn.MeshDevice:
 
 class TtDeviceRunner:
     """The device-facing runner: numpy in and out, one chip, a paged KV cache of ``num_blocks`` blocks that
-    the engine hands out, plus one scratch block (``tt_host.PageTables``)."""
+    the engine hands out, plus one scratch block (``tt_host.PageTables``).
+
+    ``traced_decode``: decode steps captured once and replayed (``TracedDecode``; the device needs a trace
+    region, as ``open_tt_device`` reserves). By default on a card, never on a mock cluster, where capture
+    crashes; untraced decode runs the same ops.
+    """
 
     def __init__(
         self,
@@ -94,6 +107,7 @@ class TtDeviceRunner:
         cache: WeightCache | None = None,
         progress: Callable[[int, int], None] | None = None,
         ttlang_kernels: bool = False,
+        traced_decode: bool | None = None,
     ):
         self.config = config
         self.max_model_len = max_model_len
@@ -101,47 +115,68 @@ class TtDeviceRunner:
         self.model = Transformer(
             mesh, config, tensors, preset, self.pages.device_blocks, cache, progress, ttlang_kernels
         )
+        if traced_decode is None:
+            traced_decode = not os.environ.get(MOCK_CLUSTER_VARIABLE)
+        self.traced_decode = TracedDecode(self.model) if traced_decode else None
 
     def forward(self, inputs: Sequence[StepInput]) -> list[np.ndarray]:
         """Logits per input, float32 ``[n, vocab_size]``: ``n = len(token_ids)`` with ``all_logits``,
         else 1."""
+        return self._run(inputs, greedy=False)
+
+    def greedy_tokens(self, inputs: Sequence[StepInput]) -> list[np.ndarray]:
+        """As ``forward``, but each row's argmax token id, int64 ``[n]``, computed on the device: only the
+        ids are read back."""
+        return self._run(inputs, greedy=True)
+
+    def _run(self, inputs: Sequence[StepInput], greedy: bool) -> list[np.ndarray]:
         for index, step in enumerate(inputs):
             if step.start + len(step.token_ids) > self.max_model_len:
                 raise ValueError(
                     f"input {index} reaches position {step.start + len(step.token_ids)}, past the "
                     f"{self.max_model_len}-token context"
                 )
-        logits = LogitsRows(inputs)
+        outputs = OutputRows(inputs)
         for work in plan_steps(inputs):
             if isinstance(work, DecodeStep):
-                self._decode(work, logits)
+                self._decode(work, outputs, greedy)
             else:
-                self._prefill(work, logits)
-        return logits.results()
+                self._prefill(work, outputs, greedy)
+        return outputs.results()
 
-    def _decode(self, step: DecodeStep, logits: LogitsRows) -> None:
+    def _decode(self, step: DecodeStep, outputs: OutputRows, greedy: bool) -> None:
         batch = self.pages.decode_batch(step.tokens)
-        out = self.model.decode(batch.tokens, batch.positions, batch.page_table)
+        if len(batch.cache_updates) == 1:
+            decode = self.traced_decode or self.model.decode
+            out = decode(batch.tokens, batch.positions, batch.page_table, greedy)
+        else:  # drafts verified inside a block: untraced, each with its number of cache updates
+            out = self.model.decode(
+                batch.tokens, batch.positions, batch.page_table, greedy, batch.cache_updates
+            )
         if not any(token.keep_logits for token in step.tokens):
             return  # tokens on the way to a block boundary before a prefill: nothing reads their logits
-        rows = logits_to_host(out, slice(0, len(step.tokens)), self.config.vocab_size)
+        rows = self._to_host(out, slice(0, len(step.tokens)), greedy)
         for slot, token in enumerate(step.tokens):
             if token.keep_logits:
-                logits.add(token.input_index, rows[slot : slot + 1])
+                outputs.add(token.input_index, rows[slot : slot + 1])
 
-    def _prefill(self, chunk: PrefillChunk, logits: LogitsRows) -> None:
+    def _prefill(self, chunk: PrefillChunk, outputs: OutputRows, greedy: bool) -> None:
         n = len(chunk.tokens)
         out = self.model.prefill(
             np.asarray(chunk.tokens, np.uint32),
             self.pages.row(chunk.block_table),
             chunk.start,
             all_rows=chunk.all_rows,
+            greedy=greedy,
         )
         if not chunk.keep_logits:
             return
         # Without all_rows the device returned the last token's tile row only.
         rows = slice(0, n) if chunk.all_rows else slice((n - 1) % TILE, (n - 1) % TILE + 1)
-        logits.add(chunk.input_index, logits_to_host(out, rows, self.config.vocab_size))
+        outputs.add(chunk.input_index, self._to_host(out, rows, greedy))
+
+    def _to_host(self, out: ttnn.Tensor, rows: slice, greedy: bool) -> np.ndarray:
+        return token_ids_to_host(out, rows) if greedy else logits_to_host(out, rows, self.config.vocab_size)
 
 
 class Float32Tensors(Mapping[str, np.ndarray]):
@@ -201,9 +236,9 @@ class TtModelRunner:
         self.device = device
         self.config: ModelConfig = device.config
         self.max_model_len = device.max_model_len
-        # Verification runs as decode steps of the padded 32-user batch, position by position: extra rows
-        # do not widen a step.
-        self.cheap_rows: int | None = None
+        # A decode step has DECODE_BATCH slots, and drafts verified inside a block take one slot per token
+        # (tt_host.plan_steps): past that many rows a step needs a second forward.
+        self.cheap_rows: int | None = DECODE_BATCH
         self.allocator = BlockAllocator(device.pages.num_blocks)
 
     @classmethod
@@ -215,8 +250,10 @@ class TtModelRunner:
         kv_cache_bytes: int,
         max_model_len: int | None = None,
         ttlang_kernels: bool = False,
+        traced_decode: bool | None = None,
     ) -> TtModelRunner:
-        """``ttlang_kernels``: the port's TT-Lang kernels where tt-lang is installed (``Transformer``)."""
+        """``ttlang_kernels``: the port's TT-Lang kernels where tt-lang is installed (``Transformer``);
+        ``traced_decode``: see ``TtDeviceRunner``."""
         config = checkpoint.config
         check_config(config)  # before converting every weight
         context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -225,7 +262,16 @@ class TtModelRunner:
         tensors = Float32Tensors(checkpoint.tensors)
         with conversion_progress(f"loading {config.name} ({preset.name})") as progress:
             device = TtDeviceRunner(
-                mesh, config, tensors, preset, num_blocks, context, cache, progress, ttlang_kernels
+                mesh,
+                config,
+                tensors,
+                preset,
+                num_blocks,
+                context,
+                cache,
+                progress,
+                ttlang_kernels,
+                traced_decode,
             )
         log.info("TT weights: %d converted, %d from %s", cache.converted, cache.loaded, cache.directory)
         return cls(device)
@@ -234,3 +280,12 @@ class TtModelRunner:
         import torch
 
         return [torch.from_numpy(rows) for rows in self.device.forward(inputs)]
+
+    def run_greedy(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        """As ``run``, but each row's argmax token id (int64 ``[n]``) instead of its logits, picked on the
+        device so that only token ids cross PCIe. For steps where every sequence decodes greedily and asks
+        for no logprobs. Both argmaxes see the same bfloat16 logits; where several are equal, which of them
+        ttnn's argmax picks is not documented (torch picks the first)."""
+        import torch
+
+        return [torch.from_numpy(ids) for ids in self.device.greedy_tokens(inputs)]

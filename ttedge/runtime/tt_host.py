@@ -4,7 +4,7 @@
 - the device page tables: the engine's block tables mapped onto ``[users, blocks_per_user]`` int32 rows,
   with one scratch block that belongs to no sequence;
 - the plan of one ``run()``: which inputs go to batched decode steps and which to prefill chunks;
-- collecting each input's logits rows in token order;
+- collecting each input's output rows (logits, or greedy token ids) in token order;
 - how many KV blocks a memory budget buys at a card preset's KV dtype;
 - which precision preset a checkpoint runs (or is converted) at.
 
@@ -32,6 +32,9 @@ from ttedge.runtime.base import DeviceUnavailable, StepInput
 DECODE_BATCH = 32  # a decode step runs one token for each of 32 users (one tile row)
 BLOCK_TOKENS = 32  # tokens per KV block, one tile row
 MAX_PREFILL_TOKENS = 1024  # the longest prefill chunk one forward takes
+# A cache-update index that makes paged_update_cache leave a slot's row alone (its kernels compare the
+# index, read as uint32, with (uint32)-1).
+SKIP_UPDATE = -1
 
 # Where the tt-kmd kernel driver puts one node per card.
 DEVICE_DIR = Path("/dev/tenstorrent")
@@ -145,17 +148,22 @@ class PageTables:
         return row
 
     def decode_batch(self, tokens: Sequence[DecodeToken]) -> DecodeBatch:
-        """One decode step's arrays, users in ``tokens`` order, padded to DECODE_BATCH slots that each
+        """One decode step's arrays, slots in ``tokens`` order, padded to DECODE_BATCH slots that each
         write position 0 of the scratch block."""
         if not 0 < len(tokens) <= DECODE_BATCH:
             raise ValueError(f"a decode step takes 1 to {DECODE_BATCH} users, got {len(tokens)}")
         ids = np.zeros(DECODE_BATCH, np.uint32)
         positions = np.zeros(DECODE_BATCH, np.int32)
         page_table = np.full((DECODE_BATCH, self.blocks_per_user), self.scratch, np.int32)
+        wave = np.zeros(DECODE_BATCH, np.int64)  # each slot's rank among its input's slots
         for slot, token in enumerate(tokens):
             ids[slot], positions[slot] = token.token, token.position
             page_table[slot] = self.row(token.block_table)
-        return DecodeBatch(ids, positions, page_table)
+            if slot and tokens[slot - 1].input_index == token.input_index:
+                wave[slot] = wave[slot - 1] + 1
+        cache_updates = np.full((int(wave.max()) + 1, DECODE_BATCH), SKIP_UPDATE, np.int32)
+        cache_updates[wave, np.arange(DECODE_BATCH)] = positions
+        return DecodeBatch(ids, positions, page_table, cache_updates)
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,12 @@ class DecodeBatch:
     tokens: np.ndarray  # [DECODE_BATCH] uint32
     positions: np.ndarray  # [DECODE_BATCH] int32
     page_table: np.ndarray  # [DECODE_BATCH, blocks_per_user] int32
+    # [waves, DECODE_BATCH] int32: the positions K/V are written at, one cache update per row. Slots of one
+    # input hold consecutive positions, whose rows share cache tiles; paged_update_cache rewrites whole
+    # tiles, every slot on its own core at once, so two such slots in one update would lose a row. Row w
+    # updates the w-th slot of every input and skips (SKIP_UPDATE) the others. One row, equal to
+    # ``positions``, when every input has one slot.
+    cache_updates: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -177,8 +191,15 @@ class DecodeToken:
 
 
 @dataclass(frozen=True)
+class DecodeRun:
+    """Consecutive tokens of one input that decode in one step, one slot each."""
+
+    tokens: Sequence[DecodeToken]
+
+
+@dataclass(frozen=True)
 class DecodeStep:
-    tokens: Sequence[DecodeToken]  # at most DECODE_BATCH, each from a different input
+    tokens: Sequence[DecodeToken]  # at most DECODE_BATCH; one input's tokens are consecutive, in order
 
 
 @dataclass(frozen=True)
@@ -193,13 +214,15 @@ class PrefillChunk:
     all_rows: bool
 
 
-def _pieces(index: int, step: StepInput, max_prefill_tokens: int) -> list[DecodeToken | PrefillChunk]:
+def _pieces(index: int, step: StepInput, max_prefill_tokens: int) -> list[DecodeRun | PrefillChunk]:
     """An input as device work, in token order.
 
-    A single token is a decode. Several tokens go to prefill, which fills the cache whole blocks at a
-    time, so the tokens before the next block boundary (when ``start`` is inside a block: a prompt chunked
-    by the scheduler off the boundary, a verification of drafts) go through decode one by one first.
-    Which logits each piece keeps follows ``all_logits``: every token's, or the input's last token's.
+    A single token decodes; a run starting on a block boundary prefills, a chunk of up to
+    ``max_prefill_tokens`` per forward. A run starting inside a block (a verification of drafts, a prompt
+    split off a boundary by the scheduler) cannot prefill from there, since ``paged_fill_cache`` fills
+    whole blocks: it decodes in one step, one slot per token at consecutive positions, when it fits the
+    DECODE_BATCH slots; a longer one decodes up to the next boundary in one step and prefills the rest.
+    Which rows each piece keeps follows ``all_logits``: every token's, or the input's last token's.
     """
     tokens, start, n = step.token_ids, step.start, len(step.token_ids)
     if n == 0:
@@ -212,11 +235,19 @@ def _pieces(index: int, step: StepInput, max_prefill_tokens: int) -> list[Decode
     def keep(last_token: int) -> bool:
         return step.all_logits or last_token == n - 1
 
-    head = n if n == 1 else min(n, -start % BLOCK_TOKENS)
-    pieces: list[DecodeToken | PrefillChunk] = [
-        DecodeToken(index, tokens[j], start + j, step.block_table, keep(j)) for j in range(head)
-    ]
-    for offset in range(head, n, max_prefill_tokens):
+    inside_block = start % BLOCK_TOKENS != 0
+    if n == 1 or (inside_block and n <= DECODE_BATCH):
+        decoded = n
+    else:
+        decoded = -start % BLOCK_TOKENS
+    pieces: list[DecodeRun | PrefillChunk] = []
+    if decoded:
+        pieces.append(
+            DecodeRun(
+                [DecodeToken(index, tokens[j], start + j, step.block_table, keep(j)) for j in range(decoded)]
+            )
+        )
+    for offset in range(decoded, n, max_prefill_tokens):
         end = min(n, offset + max_prefill_tokens)
         pieces.append(
             PrefillChunk(
@@ -226,40 +257,50 @@ def _pieces(index: int, step: StepInput, max_prefill_tokens: int) -> list[Decode
     return pieces
 
 
+def _decode_steps(runs: Sequence[DecodeRun]) -> list[DecodeStep]:
+    """Runs packed in order into steps of at most DECODE_BATCH slots; a run is never split, so all its
+    tokens go through one forward."""
+    slots: list[list[DecodeToken]] = [[]]
+    for run in runs:
+        if len(slots[-1]) + len(run.tokens) > DECODE_BATCH:
+            slots.append([])
+        slots[-1].extend(run.tokens)
+    return [DecodeStep(tokens) for tokens in slots]
+
+
 def plan_steps(
     inputs: Sequence[StepInput], max_prefill_tokens: int = MAX_PREFILL_TOKENS
 ) -> list[DecodeStep | PrefillChunk]:
     """The device work of one ``run()``, in an order that keeps each input's tokens in sequence.
 
-    Each round batches every input whose next piece is a decode token into decode steps of up to
-    DECODE_BATCH users; when no input waits on a decode, each runs its next prefill chunk. So the common
-    cases are one batched decode step for up to 32 sequences, and one prefill per prompt.
+    Each round packs every input whose next piece is a decode run into decode steps of up to DECODE_BATCH
+    slots; when no input waits on a decode, each runs its next prefill chunk. So the common cases are one
+    batched decode step for up to 32 sequences (or fewer with drafts to verify), and one prefill per
+    prompt.
     """
     queues = [_pieces(i, step, max_prefill_tokens) for i, step in enumerate(inputs)]
     steps: list[DecodeStep | PrefillChunk] = []
     while any(queues):
-        decodes: list[DecodeToken] = []
+        runs: list[DecodeRun] = []
         for queue in queues:
             front = queue[0] if queue else None
-            if isinstance(front, DecodeToken):
-                decodes.append(front)
+            if isinstance(front, DecodeRun):
+                runs.append(front)
                 queue.pop(0)
-        if decodes:
-            steps.extend(
-                DecodeStep(decodes[first : first + DECODE_BATCH])
-                for first in range(0, len(decodes), DECODE_BATCH)
-            )
+        if runs:
+            steps.extend(_decode_steps(runs))
             continue
         for queue in queues:
             if queue:
                 chunk = queue.pop(0)
-                assert isinstance(chunk, PrefillChunk), "no input waits on a decode token this round"
+                assert isinstance(chunk, PrefillChunk), "no input waits on a decode run this round"
                 steps.append(chunk)
     return steps
 
 
-class LogitsRows:
-    """Each input's logits rows as pieces deliver them, checked against what the input asked for."""
+class OutputRows:
+    """Each input's output rows as pieces deliver them (logits ``[k, vocab]`` or token ids ``[k]``), checked
+    against what the input asked for."""
 
     def __init__(self, inputs: Sequence[StepInput]):
         self.expected = [len(step.token_ids) if step.all_logits else 1 for step in inputs]
@@ -269,12 +310,11 @@ class LogitsRows:
         self.rows[input_index].append(rows)
 
     def results(self) -> list[np.ndarray]:
-        """float32 ``[n, vocab]`` per input, in input order."""
+        """``n`` rows per input, in input order."""
         out = []
         for index, (rows, expected) in enumerate(zip(self.rows, self.expected, strict=True)):
             got = sum(r.shape[0] for r in rows)
             if got != expected:
-                raise AssertionError(f"input {index} got {got} logits rows, expected {expected}")
-            stacked = np.concatenate(rows).astype(np.float32, copy=False)
-            out.append(stacked)
+                raise AssertionError(f"input {index} got {got} output rows, expected {expected}")
+            out.append(np.concatenate(rows))
         return out

@@ -1,8 +1,9 @@
 """Grouped-query attention over a paged KV cache, decode and prefill (tt_transformers' ``attention.py``).
 
-Decode, one token per user, 32 users: fused QKV linear, split into heads one user per core, rotary
-embedding (Meta pair order, see ``rope.py``), K and V written into the paged cache at each user's position
-through the page table, paged SDPA decode over each user's blocks, heads concatenated, output projection.
+Decode, one token per slot, 32 slots (users, or consecutive positions of one user): fused QKV linear,
+split into heads one slot per core, rotary embedding (Meta pair order, see ``rope.py``), K and V written
+into the paged cache at each slot's position through the page table, paged SDPA decode over each slot's
+blocks, heads concatenated, output projection.
 
 Prefill, a run of tokens of one user (``forward_prefill``): the same fused QKV linear over every row,
 heads split in DRAM, rotary embedding in prefill mode, K and V copied block by block into the cache
@@ -13,6 +14,7 @@ starts the sequence, or over the cache through the page table when earlier chunk
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,9 +38,14 @@ from ttedge.models.llama.tt.weights import LayerTensors, device_tensor
 class DecodeInputs:
     """Per-step inputs every layer shares."""
 
-    positions: ttnn.Tensor  # [BATCH] int32: the position each user's new token is written at
-    page_table: ttnn.Tensor  # [BATCH, blocks_per_user] int32: cache block of each user's logical block
+    positions: ttnn.Tensor  # [BATCH] int32: the position of each slot's token, the last one it attends to
+    page_table: ttnn.Tensor  # [BATCH, blocks_per_user] int32: cache block of each slot's logical block
     rotary: RotaryInputs
+    # [BATCH] int32 each: the K/V cache updates, in order, each writing every slot at its index or, at -1,
+    # leaving it alone; ``(positions,)`` when every slot is a different user. Slots of one user at
+    # consecutive positions (drafts verified in one step) go in separate updates: each slot's core rewrites
+    # the whole cache tiles holding its row, all at once (tt_host.DecodeBatch).
+    cache_updates: Sequence[ttnn.Tensor]
 
 
 @dataclass(frozen=True)
@@ -86,10 +93,11 @@ class Attention:
         rot = step.rotary
         q = ttnn.experimental.rotary_embedding_llama(q, rot.cos, rot.sin, rot.trans_mat, is_decode_mode=True)
         k = ttnn.experimental.rotary_embedding_llama(k, rot.cos, rot.sin, rot.trans_mat, is_decode_mode=True)
-        for cache, new in ((self.k_cache, k), (self.v_cache, v)):
-            ttnn.experimental.paged_update_cache(
-                cache, new, update_idxs_tensor=step.positions, page_table=step.page_table
-            )
+        for update in step.cache_updates:
+            for cache, new in ((self.k_cache, k), (self.v_cache, v)):
+                ttnn.experimental.paged_update_cache(
+                    cache, new, update_idxs_tensor=update, page_table=step.page_table
+                )
         scores = ttnn.transformer.paged_scaled_dot_product_attention_decode(
             q,
             self.k_cache,

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 import ttnn
@@ -13,6 +14,7 @@ from ttedge.model_zoo import PrecisionPreset
 from ttedge.models.llama.tt.attention import DecodeInputs, PrefillInputs
 from ttedge.models.llama.tt.decoder import DecoderLayer
 from ttedge.models.llama.tt.embedding import Embedding
+from ttedge.models.llama.tt.greedy import greedy_token_ids
 from ttedge.models.llama.tt.lm_head import LMHead
 from ttedge.models.llama.tt.model_config import (
     BATCH,
@@ -23,10 +25,27 @@ from ttedge.models.llama.tt.model_config import (
     DeviceSpec,
 )
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
-from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
+from ttedge.models.llama.tt.rope import RotaryInputs, RotarySetup, inverse_frequencies
 from ttedge.models.llama.tt.ttlang import choose_kernels
 from ttedge.models.llama.tt.weight_cache import WeightCache
 from ttedge.models.llama.tt.weights import WeightDtypes, convert_model, host_tensor, pad_to_tile
+
+
+@dataclass(frozen=True)
+class DecodeTensors:
+    """One decode step's inputs: host tensors made from the step's arrays, or the device tensors the ops
+    read. A traced decode keeps one device set for good and copies each step's host set into it."""
+
+    tokens: ttnn.Tensor  # [1, BATCH] uint32, row-major
+    positions: ttnn.Tensor  # [BATCH] int32, row-major
+    page_table: ttnn.Tensor  # [BATCH, blocks_per_user] int32, row-major
+    cos: ttnn.Tensor  # [1, BATCH, TILE, head_dim] bfloat16; on the device one user per core
+    sin: ttnn.Tensor
+
+    def copy_to(self, device: DecodeTensors) -> None:
+        """Write these host tensors into ``device``'s buffers in place (same shapes, dtypes and layouts)."""
+        for field in fields(self):
+            ttnn.copy_host_to_device_tensor(getattr(self, field.name), getattr(device, field.name))
 
 
 class Transformer:
@@ -76,24 +95,78 @@ class Transformer:
         self.norm = RMSNorm(mesh, converted.norm, config.rms_norm_eps)
         self.lm_head = LMHead(mesh, converted.lm_head)
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> ttnn.Tensor:
-        """One token for each of ``BATCH`` users: ``tokens`` and ``positions`` ``[BATCH]``, ``page_table``
-        ``[BATCH, blocks_per_user]``. Returns logits ``[1, 1, BATCH, padded vocab]`` on the device; columns
-        from ``config.vocab_size`` on are padding."""
+    def decode(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        page_table: np.ndarray,
+        greedy: bool = False,
+        cache_updates: np.ndarray | None = None,
+    ) -> ttnn.Tensor:
+        """One token for each of ``BATCH`` slots: ``tokens`` and ``positions`` ``[BATCH]``, ``page_table``
+        ``[BATCH, blocks_per_user]``. Returns logits ``[1, 1, BATCH, padded vocab]`` on the device (columns
+        from ``config.vocab_size`` on are padding), or with ``greedy`` each slot's argmax token id, uint32
+        ``[1, 1, BATCH]``.
+
+        Slots are users; with ``cache_updates`` ``[waves, BATCH]`` (``tt_host.DecodeBatch``) several may be
+        one user at consecutive positions over the same page table row. The cache updates all run before
+        attention, so each slot attends to exactly the K/V that decoding the tokens one by one gives."""
+        step = self.decode_inputs_to_device(self.decode_host_inputs(tokens, positions, page_table))
+        updates = None
+        if cache_updates is not None:
+            updates = [
+                host_tensor(row, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(self.mesh) for row in cache_updates
+            ]
+        return self.decode_on_device(step, greedy, updates)
+
+    def decode_host_inputs(
+        self, tokens: np.ndarray, positions: np.ndarray, page_table: np.ndarray
+    ) -> DecodeTensors:
         if tokens.shape != (BATCH,) or positions.shape != (BATCH,) or page_table.shape[0] != BATCH:
             raise ValueError(f"decode takes exactly {BATCH} users (pad unused slots)")
-        step = DecodeInputs(
-            positions=host_tensor(positions, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(self.mesh),
-            page_table=host_tensor(page_table, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(self.mesh),
-            rotary=self.rope.for_positions(positions),
+        cos, sin = self.rope.decode_cos_sin(positions)
+        return DecodeTensors(
+            tokens=host_tensor(tokens[None], ttnn.uint32, ttnn.ROW_MAJOR_LAYOUT),
+            positions=host_tensor(positions, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT),
+            page_table=host_tensor(page_table, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT),
+            cos=cos,
+            sin=sin,
         )
-        x = self.embedding(host_tensor(tokens[None], ttnn.uint32, ttnn.ROW_MAJOR_LAYOUT).to(self.mesh))
+
+    def decode_inputs_to_device(self, host: DecodeTensors) -> DecodeTensors:
+        """New device tensors holding ``host``: DRAM interleaved, cos/sin sharded one user per core."""
+        return DecodeTensors(
+            tokens=host.tokens.to(self.mesh),
+            positions=host.positions.to(self.mesh),
+            page_table=host.page_table.to(self.mesh),
+            cos=host.cos.to(self.mesh, self.rope.cos_sin_memory),
+            sin=host.sin.to(self.mesh, self.rope.cos_sin_memory),
+        )
+
+    def decode_on_device(
+        self, step: DecodeTensors, greedy: bool = False, cache_updates: Sequence[ttnn.Tensor] | None = None
+    ) -> ttnn.Tensor:
+        """The decode step's ops over inputs already on the device: what a traced decode captures (with
+        the one cache update at ``step.positions``, the default)."""
+        layer_inputs = DecodeInputs(
+            positions=step.positions,
+            page_table=step.page_table,
+            rotary=RotaryInputs(cos=step.cos, sin=step.sin, trans_mat=self.rope.trans_mat),
+            cache_updates=(step.positions,) if cache_updates is None else cache_updates,
+        )
+        x = self.embedding(step.tokens)
         for layer in self.layers:
-            x = layer(x, step)
-        return self.lm_head(self.norm(x))
+            x = layer(x, layer_inputs)
+        logits = self.lm_head(self.norm(x))
+        return greedy_token_ids(logits, self.config.vocab_size) if greedy else logits
 
     def prefill(
-        self, tokens: np.ndarray, page_table_row: np.ndarray, start: int = 0, all_rows: bool = False
+        self,
+        tokens: np.ndarray,
+        page_table_row: np.ndarray,
+        start: int = 0,
+        all_rows: bool = False,
+        greedy: bool = False,
     ) -> ttnn.Tensor:
         """One prefill chunk of one user, tt_transformers' ``forward`` in prefill mode.
 
@@ -108,7 +181,8 @@ class Transformer:
         Returns logits on the device: by default only for the 32-row tile holding the last token,
         ``[1, 1, TILE, padded vocab]`` with the last token at row ``(n - 1) % TILE`` (the LM head then
         costs one tile row, not the whole prompt); with ``all_rows`` for every padded row,
-        ``[1, 1, padded n, padded vocab]``. Columns from ``config.vocab_size`` on are padding.
+        ``[1, 1, padded n, padded vocab]``. Columns from ``config.vocab_size`` on are padding. With
+        ``greedy``, each of those rows' argmax token id instead, uint32 ``[1, 1, rows]``.
         """
         n = len(tokens)
         if not 0 < n <= MAX_PREFILL_TOKENS:
@@ -141,7 +215,8 @@ class Transformer:
             # tt_transformers' get_last_token: slice the last token's tile row before the norm and head.
             last_tile = (n - 1) // TILE * TILE
             x = ttnn.slice(x, (0, 0, last_tile, 0), (1, 1, last_tile + TILE, self.config.hidden_size))
-        return self.lm_head(self.norm(x, PREFILL_MEMORY))
+        logits = self.lm_head(self.norm(x, PREFILL_MEMORY))
+        return greedy_token_ids(logits, self.config.vocab_size) if greedy else logits
 
 
 def logits_to_host(logits: ttnn.Tensor, rows: slice, vocab_size: int) -> np.ndarray:

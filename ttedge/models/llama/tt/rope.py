@@ -71,8 +71,10 @@ class RotaryInputs:
 class RotarySetup:
     """Holds the transformation matrix on the device and makes each step's cos/sin for the users' positions.
 
-    cos/sin are built on the host per step: a traced decode needs them looked up on the device instead
-    (tt_transformers keeps the whole table in DRAM and gathers with ``ttnn.embedding``) -- a next step.
+    Decode cos/sin are built on the host per step; a traced decode copies them into its persistent device
+    tensors before each replay (``traced_decode.py``). tt_transformers instead keeps the whole table in DRAM
+    and gathers rows on the device with ``ttnn.embedding``, which sends 32 positions over PCIe rather than
+    two tables of 32 x 32 x head_dim bfloat16 (128 KiB each at head_dim 64) -- a next step.
     """
 
     def __init__(self, mesh: ttnn.MeshDevice, spec: DeviceSpec, config: ModelConfig, inv_freq: np.ndarray):
@@ -88,15 +90,25 @@ class RotarySetup:
             mesh, PREFILL_MEMORY
         )
 
-    def for_positions(self, positions: np.ndarray) -> RotaryInputs:
+    def decode_cos_sin(self, positions: np.ndarray) -> tuple[ttnn.Tensor, ttnn.Tensor]:
+        """Host tensors cos, sin ``[1, BATCH, TILE, head_dim]`` for one decode step; on the device they go to
+        ``cos_sin_memory``, one user per core."""
         cos, sin = interleaved_cos_sin(self.inv_freq, positions)
 
         def per_user(table: np.ndarray) -> ttnn.Tensor:
             # Every row of a user's tile is a head of that user (create_qkv_heads_decode pads heads to 32).
             rows = np.broadcast_to(table[None, :, None, :], (1, BATCH, TILE, self.head_dim))
-            return host_tensor(rows, ttnn.bfloat16).to(self.mesh, self.cos_sin_memory)
+            return host_tensor(rows, ttnn.bfloat16)
 
-        return RotaryInputs(cos=per_user(cos), sin=per_user(sin), trans_mat=self.trans_mat)
+        return per_user(cos), per_user(sin)
+
+    def for_positions(self, positions: np.ndarray) -> RotaryInputs:
+        cos, sin = self.decode_cos_sin(positions)
+        return RotaryInputs(
+            cos=cos.to(self.mesh, self.cos_sin_memory),
+            sin=sin.to(self.mesh, self.cos_sin_memory),
+            trans_mat=self.trans_mat,
+        )
 
     def for_prefill(self, start: int, seq_len: int) -> RotaryInputs:
         """cos/sin of positions ``start .. start + seq_len - 1`` (padding rows included: they rotate
