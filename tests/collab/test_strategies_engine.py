@@ -169,3 +169,52 @@ def test_drafts_never_push_a_decode_step_past_the_backends_cheap_rows(parts, big
     decode_widths = [w for w in widths if w < 16]  # the prompts' prefill is wider anyway
     assert max(decode_widths) == 6  # three decoding sequences, three drafts between them
     assert engine.stats().collab.draft_tokens > 0
+
+
+class GreedyIdsRunner:
+    """The tiny CPU runner plus ``run_greedy``, as the TT runner picks argmaxes on the card; records which
+    of the two each step used."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, []
+        self.config, self.allocator, self.max_model_len = (
+            runner.config,
+            runner.allocator,
+            runner.max_model_len,
+        )
+        self.cheap_rows = runner.cheap_rows
+
+    def run(self, inputs):
+        self.calls.append("logits")
+        return self.runner.run(inputs)
+
+    def run_greedy(self, inputs):
+        self.calls.append("ids")
+        return [rows.argmax(dim=-1) for rows in self.runner.run(inputs)]
+
+
+@pytest.mark.parametrize("strategy", [Strategy.PLAIN, Strategy.SPECULATIVE])
+def test_token_ids_picked_by_the_runner_give_the_same_output(parts, big, strategy):
+    engine = make_engine(parts, strategy, layers=[0, 1])
+    engine.runner = GreedyIdsRunner(engine.runner)
+    assert outputs(engine) == big
+    assert set(engine.runner.calls) == {"ids"}
+    if strategy is Strategy.SPECULATIVE:
+        assert engine.stats().collab.accepted_draft_tokens > 0
+
+
+def test_logits_come_back_while_a_step_needs_them(parts):
+    engine = make_engine(parts, Strategy.PLAIN)
+    engine.runner = GreedyIdsRunner(engine.runner)
+    engine.add_request(PROMPTS[0], GREEDY)
+    engine.add_request(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=4, logprobs=2, ignore_eos=True))
+    engine.add_request(
+        PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), strategy=Strategy.BILD
+    )
+    for _ in engine.stream():
+        pass
+    calls = engine.runner.calls
+    # Logits while the logprobs request and the BiLD one run (prefill and at least 7 decode steps), then
+    # token ids alone for the greedy request left.
+    first_ids = calls.index("ids")
+    assert first_ids >= 8 and set(calls[first_ids:]) == {"ids"}

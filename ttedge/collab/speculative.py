@@ -38,11 +38,7 @@ def verify(
     if logits.shape[0] != len(drafts) + 1:
         raise ValueError(f"{len(drafts)} drafts need {len(drafts) + 1} rows of logits, got {logits.shape[0]}")
     if params.greedy:
-        targets = logits.argmax(dim=-1).tolist()
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
-            accepted += 1
-        return [*drafts[:accepted], targets[accepted]]
+        return accept_greedy(logits.argmax(dim=-1).tolist(), drafts)
     probs = filtered_probs(logits, [params] * logits.shape[0])
     emitted: list[int] = []
     for position, draft in enumerate(drafts):
@@ -55,6 +51,15 @@ def verify(
         return emitted
     emitted.append(draw(probs[-1], generator))
     return emitted
+
+
+def accept_greedy(targets: list[int], drafts: list[int]) -> list[int]:
+    """Greedy verification from the big model's argmax ``targets`` at the last token and each draft
+    (``len(drafts) + 1`` of them): the drafts up to the first disagreement, then the big model's token."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+        accepted += 1
+    return [*drafts[:accepted], targets[accepted]]
 
 
 def next_draft_budget(budget: int, drafted: int, accepted: int, config: CollabConfig) -> int:

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ttedge.collab.drafters import Draft, DraftRequest
-from ttedge.collab.speculative import next_draft_budget, verify
+from ttedge.collab.speculative import accept_greedy, next_draft_budget, verify
 from ttedge.collab.strategies import CollabConfig, CollabCounters, Route, Strategy, bild_accept
 from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
 from ttedge.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from ttedge.engine.sequence import FinishReason, Sequence, SequenceStatus, TextStream
-from ttedge.runtime.base import ModelRunner, StepInput
+from ttedge.runtime.base import GreedyOnDevice, ModelRunner, StepInput
 from ttedge.runtime.kv_cache import BLOCK_SIZE, OutOfBlocks
 
 
@@ -168,6 +168,9 @@ class Engine:
             )
             for c, d in zip(big, drafts, strict=True)
         ]
+        runner = self.runner
+        if inputs and not small and isinstance(runner, GreedyOnDevice) and self._exact_greedy(big):
+            return self._append_token_ids(big, runner.run_greedy(inputs), drafts)
         logits = self.runner.run(inputs) if inputs else []
         sampling = []
         outputs: list[RequestOutput] = []
@@ -298,6 +301,33 @@ class Engine:
             seq.draft_budget, seq.steps_without_drafts = 1, 0
         return max(0, min(seq.draft_budget, room - 1))
 
+    def _exact_greedy(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether argmax token ids are all this step needs: every sequence greedy, without logprobs, and
+        verified by exact match (BiLD's rollback needs the big model's distribution); a runner that picks
+        greedy tokens on its device then sends only those."""
+        return all(
+            c.seq.params.greedy
+            and c.seq.params.logprobs is None
+            and c.seq.strategy in (Strategy.PLAIN, Strategy.SPECULATIVE)
+            for c in chunks
+        )
+
+    def _append_token_ids(
+        self, chunks: list[ScheduledChunk], token_ids: list[torch.Tensor], drafts: list[Draft]
+    ) -> list[RequestOutput]:
+        """``execute``'s tail when the runner returned each row's argmax instead of logits."""
+        outputs = []
+        for chunk, ids, draft in zip(chunks, token_ids, drafts, strict=True):
+            if not chunk.completes_sequence:
+                chunk.seq.num_computed += chunk.num_tokens
+            elif draft.tokens:
+                emitted = accept_greedy(ids.tolist(), draft.tokens)
+                outputs.append(self._accept(chunk, draft.tokens, emitted, [None] * len(emitted)))
+            else:
+                chunk.seq.num_computed += chunk.num_tokens
+                outputs.append(self._append(chunk.seq, [int(ids[-1])], [None]))
+        return outputs
+
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor, draft: list[int]) -> RequestOutput:
         seq = chunk.seq
         assert self.collab is not None  # drafts come from it
@@ -308,6 +338,20 @@ class Engine:
             self.counters.rollbacks += rolled_back
         else:
             emitted = verify(logits, draft, seq.params, seq.generator)
+        params = [seq.params] * len(emitted)
+        return self._accept(chunk, draft, emitted, token_logprobs(logits[: len(emitted)], emitted, params))
+
+    def _accept(
+        self,
+        chunk: ScheduledChunk,
+        draft: list[int],
+        emitted: list[int],
+        logprobs: list[TokenLogprobs | None],
+    ) -> RequestOutput:
+        """Book a verification that emitted ``emitted`` (the accepted drafts and one token of the big
+        model's) and append them."""
+        seq = chunk.seq
+        assert self.collab is not None  # drafts come from it
         accepted = len(emitted) - 1
         self.counters.draft_tokens += len(draft)
         self.counters.accepted_draft_tokens += accepted
@@ -317,8 +361,7 @@ class Engine:
         # The last token and the accepted drafts are in the KV cache now; the slots of rejected drafts
         # lie past the sequence's length, so attention never reads them, and later tokens overwrite them.
         seq.num_computed += 1 + accepted
-        params = [seq.params] * len(emitted)
-        return self._append(seq, emitted, token_logprobs(logits[: len(emitted)], emitted, params))
+        return self._append(seq, emitted, logprobs)
 
     def _append(
         self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs | None]

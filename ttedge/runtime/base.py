@@ -11,7 +11,7 @@ unreadable, since attention only reads positions below it, and frees the blocks 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ttedge.config import ModelConfig
 
@@ -47,4 +47,14 @@ class ModelRunner(Protocol):
     def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
         """One forward over every input; returns float32 logits per input, ``[n, vocab]`` with
         ``n = len(token_ids)`` when ``all_logits`` else 1."""
+        ...
+
+
+@runtime_checkable
+class GreedyOnDevice(Protocol):
+    """A runner that can pick greedy tokens where the logits are (on the card), so only token ids leave
+    it; the engine uses it for steps where every sequence decodes greedily and wants no logprobs."""
+
+    def run_greedy(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        """As ``run``, but each returned row's argmax token id, int64 ``[n]``, instead of its logits."""
         ...
