@@ -93,6 +93,11 @@ class CollabPlan:
 
 
 def collab_plan(settings: EngineSettings) -> CollabPlan | None:
+    known = [s.value for s in Strategy]
+    if settings.strategy and settings.strategy not in known:
+        raise ConfigError(
+            "collaboration", f"unknown strategy {settings.strategy!r}; choose from {', '.join(known)}"
+        )
     strategy = Strategy(settings.strategy) if settings.strategy else None
     if settings.draft is None:
         if strategy not in (None, Strategy.PLAIN):

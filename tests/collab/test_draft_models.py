@@ -98,6 +98,7 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_checkpoint: Path, tmp_p
     ("settings", "message"),
     [
         ({"strategy": "bild"}, "strategy 'bild' needs a drafter: give --draft"),
+        ({"draft": "prompt-lookup", "strategy": "oracle"}, "unknown strategy 'oracle'; choose from plain, "),
         ({"draft": "prompt-lookup", "strategy": "guided"}, "strategy 'guided' needs a small model"),
         ({"draft": "self:0", "fallback_threshold": 1.5}, "fallback_threshold is a probability"),
         ({"draft": "self:0", "guided_tokens": 0}, "must be at least 1"),
