@@ -1,10 +1,12 @@
 """Ethernet link model: bandwidth per direction of one link, and the latency one collective step pays.
 
 Sources (Tenstorrent's public documentation; see also /work/shared/notes/hardware.md):
-- Wormhole: 16 Ethernet cores ("ports") per chip, each a 100 Gb/s-class link, i.e. 12.5 GB/s per
-  direction (docs.tenstorrent.com/aibs/wormhole/specifications.html; Wormhole n300 and T3000 product
-  pages). The n300's two chips are joined by on-board Ethernet; one of those links is kept for dispatch,
-  so collectives get the others (tt-metal tech report "Ethernet and multichip basics").
+- Wormhole: 16 Ethernet cores per chip, each driving one link of 100 Gb/s per direction, i.e. 12.5 GB/s
+  (docs.tenstorrent.com/aibs/wormhole/specifications.html; tenstorrent/tt-metal
+  tech_reports/EthernetMultichip/BasicEthernetGuide.md, "Ethernet Link"). The same report: the n300's two
+  chips are joined by two on-board links (200 Gb/s per direction), one of them reserved for the
+  dispatcher, so user kernels get 100 Gb/s; the T3000 is four n300s cabled into a 2x4 mesh, each keeping
+  that reservation; a Galaxy is a 4x8 mesh whose inner chips use all 16 links.
 - Blackhole: 400 Gb/s-class Ethernet links; the p150 exposes 4 QSFP-DD 800G ports
   (docs.tenstorrent.com/aibs/blackhole/specifications.html; Hot Chips 2024, Blackhole). An 800G
   port is modelled as two 400G links, i.e. 2 × 50 GB/s per direction. ASSUMPTION: that split.

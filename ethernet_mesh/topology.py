@@ -114,16 +114,17 @@ def _unreachable_chips(num_chips: int, connections: Iterable[Connection]) -> lis
     return sorted(set(range(num_chips)) - reached)
 
 
-def grid_connections(rows: int, cols: int, links: int) -> tuple[Connection, ...]:
-    """Every pair of chips adjacent in the grid (no wrap-around), joined by ``links`` links."""
+def grid_connections(rows: int, cols: int, row_links: int, column_links: int) -> tuple[Connection, ...]:
+    """Every pair of chips adjacent in the grid (no wrap-around): ``row_links`` links between neighbours in
+    a row, ``column_links`` between neighbours in a column."""
     pairs = []
     for r in range(rows):
         for c in range(cols):
             chip = r * cols + c
             if c + 1 < cols:
-                pairs.append(Connection(chip, chip + 1, links))
+                pairs.append(Connection(chip, chip + 1, row_links))
             if r + 1 < rows:
-                pairs.append(Connection(chip, chip + cols, links))
+                pairs.append(Connection(chip, chip + cols, column_links))
     return tuple(pairs)
 
 
@@ -146,18 +147,22 @@ def ring_connections(num_chips: int, links: int) -> tuple[Connection, ...]:
     return (*pairs, Connection(0, num_chips - 1, links))
 
 
+_T3K_GRID = grid_connections(2, 4, row_links=2, column_links=1)
+
+
 def _built_in() -> dict[str, Mesh]:
     meshes = [
         Mesh("n150", (1, 1), WORMHOLE_ETHERNET, (), (0,)),
         # n300: two on-board links; one is kept for dispatch (links.py), the other carries collectives.
         Mesh("n300", (1, 2), WORMHOLE_ETHERNET, (Connection(0, 1, 1),), (0, 1)),
-        # T3K: four n300 cards as a 2x4 grid of chips. ASSUMPTION: two links between grid neighbours, as
-        # tt-metal's T3000 cluster descriptors show; the 1x8 view walks that grid as a ring.
+        # T3K: four n300 cards as a 2x4 grid; each column is one card (chips 0-3 are the PCIe-attached ones),
+        # so column neighbours keep one usable on-board link. ASSUMPTION: two cabled links between row
+        # neighbours. The 1x8 view is the same grid renumbered along its ring walk.
         Mesh("t3k", (1, 8), WORMHOLE_ETHERNET, _t3k_as_line_of_8(), tuple(range(8))),
-        Mesh("t3k-2x4", (2, 4), WORMHOLE_ETHERNET, grid_connections(2, 4, 2), grid_ring_order(2, 4)),
-        # Galaxy: 32 Wormhole chips in a 4x8 grid. ASSUMPTION: four links between grid neighbours (16 ports
-        # spread over up to four neighbours), no wrap-around links modelled.
-        Mesh("galaxy", (4, 8), WORMHOLE_ETHERNET, grid_connections(4, 8, 4), grid_ring_order(4, 8)),
+        Mesh("t3k-2x4", (2, 4), WORMHOLE_ETHERNET, _T3K_GRID, grid_ring_order(2, 4)),
+        # Galaxy: 32 Wormhole chips in a 4x8 grid whose inner chips use all 16 links. ASSUMPTION: four links
+        # to each of the four neighbours; no wrap-around links modelled.
+        Mesh("galaxy", (4, 8), WORMHOLE_ETHERNET, grid_connections(4, 8, 4, 4), grid_ring_order(4, 8)),
         # Boxes of p150 cards cabled in a ring. ASSUMPTION: two of each card's four 800G ports go to each
         # neighbour, i.e. 2 ports x 2 links (links.py) = 4 links per neighbour pair.
         Mesh("p150x4", (1, 4), BLACKHOLE_ETHERNET, ring_connections(4, 4), tuple(range(4))),
@@ -172,7 +177,7 @@ def _t3k_as_line_of_8() -> tuple[Connection, ...]:
     position = {chip: i for i, chip in enumerate(walk)}
     renumbered = (
         Connection(min(position[c.a], position[c.b]), max(position[c.a], position[c.b]), c.links)
-        for c in grid_connections(2, 4, 2)
+        for c in _T3K_GRID
     )
     return tuple(sorted(renumbered, key=lambda c: (c.a, c.b)))
 

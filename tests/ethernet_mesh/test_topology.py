@@ -110,3 +110,11 @@ def test_valid_yaml_and_unreadable_file(tmp_path: Path) -> None:
         load_mesh(tmp_path / "missing.yaml")
     with pytest.raises(MeshError, match="not a built-in mesh"):
         get_mesh("t4k")
+
+
+def test_t3k_cards_keep_one_on_board_link() -> None:
+    """Each column of the 2x4 grid is one n300 card (one on-board link usable); cables join the columns."""
+    grid = BUILT_IN_MESHES["t3k-2x4"]
+    assert [grid.links_between(c, c + 4) for c in range(4)] == [1, 1, 1, 1]
+    assert [grid.links_between(c, c + 1) for c in (0, 1, 2, 4, 5, 6)] == [2] * 6
+    assert grid.links_between(0, 5) == 0
