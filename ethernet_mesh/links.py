@@ -1,6 +1,6 @@
 """Ethernet link model: bandwidth per direction of one link, and the latency one collective step pays.
 
-Sources (Tenstorrent's public documentation; see also /work/shared/notes/hardware.md):
+Sources (Tenstorrent's public documentation):
 - Wormhole: 16 Ethernet cores per chip, each driving one link of 100 Gb/s per direction, i.e. 12.5 GB/s
   (docs.tenstorrent.com/aibs/wormhole/specifications.html; tenstorrent/tt-metal
   tech_reports/EthernetMultichip/BasicEthernetGuide.md, "Ethernet Link"). The same report: the n300's two

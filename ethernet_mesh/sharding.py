@@ -1,8 +1,8 @@
-"""Tensor-parallel sharding plan for a Llama model over N devices (tt_transformers' 1×N convention,
-/work/shared/notes/tt-anchors.md): QKV, w1 (gate) and w3 (up) column-parallel, split over their output
-features; WO and w2 (down) row-parallel, split over their input features, each followed by an all-reduce
-of the residual-stream update; norms replicated; KV heads replicated when there are fewer of them than
-devices; the LM head split over the vocabulary, its logits all-gathered.
+"""Tensor-parallel sharding plan for a Llama model over N devices (the 1×N convention of tt-metal's
+models/tt_transformers): QKV, w1 (gate) and w3 (up) column-parallel, split over their output features;
+WO and w2 (down) row-parallel, split over their input features, each followed by an all-reduce of the
+residual-stream update; norms replicated; KV heads replicated when there are fewer of them than devices;
+the LM head split over the vocabulary, its logits all-gathered.
 
 Weight shapes are (output features, input features), as in Hugging Face checkpoints.
 """

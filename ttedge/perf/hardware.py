@@ -53,7 +53,7 @@ _TTLANG_CB_BUDGET = 1432 * KIB
 
 # https://docs.tenstorrent.com/aibs/wormhole/specifications.html (n150s/n150d column): 72 Tensix cores,
 # 1.5 MB SRAM each, 12 GB GDDR6 at 288 GB/s; TeraFLOPS FP8 262, FP16 74, BLOCKFP8 148. The worker grid is
-# what ttnn computes on (8 x 8 on an n150; tests/tt/mock/n150.yaml, /work/shared/notes/hardware.md).
+# what ttnn computes on (8 x 8 on an n150; tests/tt/mock/n150.yaml).
 WORMHOLE_N150 = HardwareSpec(
     name="Wormhole n150",
     dram_bytes_per_s=288 * GIGA,
