@@ -33,9 +33,7 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,20 +49,13 @@ from ttedge.model_zoo import ModelCard, find_card
 from ttedge.models.llama.linear import AutoLinear, Linear, WeightFormat, build_linear
 from ttedge.models.llama.reference import RotaryEmbedding, rms_norm, rope_inverse_frequencies
 from ttedge.perf.hardware import CARDS, HardwareSpec, host_cpu
-from ttedge.perf.roofline import OpCost, place
+from ttedge.perf.roofline import CostedOp, OpCost, place, time_round_robin
 from ttedge.runtime.base import DeviceUnavailable
 from ttedge.runtime.tt_host import MOCK_CLUSTER_VARIABLE, check_tt_device
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SIMULATOR_ROWS = 32  # one decode step of 32 users: one tile row
 BATCH = 32  # the TT port's decode users per step
-
-
-@dataclass(frozen=True)
-class LayerOp:
-    name: str
-    run: Callable[[], object]
-    cost: OpCost
 
 
 @dataclass(frozen=True)
@@ -103,7 +94,7 @@ def decode_layer_ops(
     context: int,
     generator: torch.Generator,
     copies: int = 1,
-) -> list[LayerOp]:
+) -> list[CostedOp]:
     """One decode layer's ops as ``reference.LlamaModel`` runs them, on random weights and activations.
 
     ``copies`` distinct layers (weights, activations, KV cache), each op taking the next one per call: with
@@ -174,24 +165,9 @@ def decode_layer_ops(
 
     layers = [one_layer() for _ in range(copies)]
     return [
-        LayerOp(name, cycling([layer[index][1] for layer in layers]), cost)
+        CostedOp(name, cycling([layer[index][1] for layer in layers]), cost)
         for index, (name, _, cost) in enumerate(layers[0])
     ]
-
-
-def time_round_robin(ops: Sequence[LayerOp], iterations: int) -> dict[str, tuple[float, float]]:
-    """(fastest, median) seconds per op over ``iterations`` rounds of the ops in turn, after one warm-up
-    round: whatever else loads the machine then hits every op alike."""
-    samples: dict[str, list[float]] = {op.name: [] for op in ops}
-    with torch.inference_mode():
-        for op in ops:
-            op.run()
-        for _ in range(iterations):
-            for op in ops:
-                started = time.perf_counter()
-                op.run()
-                samples[op.name].append(time.perf_counter() - started)
-    return {name: (min(times), statistics.median(times)) for name, times in samples.items()}
 
 
 def measure_cpu(
@@ -207,7 +183,8 @@ def measure_cpu(
     for fmt in formats:
         for rows in rows_list:
             ops = decode_layer_ops(config, fmt, rows, context, torch.Generator().manual_seed(0), copies)
-            times = time_round_robin(ops, iterations)
+            with torch.inference_mode():
+                times = time_round_robin(ops, iterations)
             timings.extend(timing_row(op.name, fmt.value, rows, *times[op.name], op.cost, cpu) for op in ops)
     return timings
 

@@ -3,6 +3,9 @@ measurement came to it."""
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ttedge.perf.hardware import HardwareSpec
@@ -16,6 +19,34 @@ class OpCost:
     flops: int
     # The format its FLOPs run in (a key of HardwareSpec.peak_flops, or one ``peak_flops_for`` maps).
     data_format: str
+
+
+@dataclass(frozen=True)
+class CostedOp:
+    """An op to time, and what it must move and compute at least."""
+
+    name: str
+    run: Callable[[], object]
+    cost: OpCost
+
+
+def time_round_robin(
+    ops: Sequence[CostedOp], iterations: int, wait: Callable[[], object] = lambda: None
+) -> dict[str, tuple[float, float]]:
+    """(fastest, median) seconds per op over ``iterations`` rounds of the ops in turn, after one warm-up
+    round (which also builds a device's programs): whatever else loads the machine then hits every op
+    alike. ``wait`` runs after each op inside its timing, for a device that queues work (a sync)."""
+    for op in ops:
+        op.run()
+    wait()
+    samples: dict[str, list[float]] = {op.name: [] for op in ops}
+    for _ in range(iterations):
+        for op in ops:
+            started = time.perf_counter()
+            op.run()
+            wait()
+            samples[op.name].append(time.perf_counter() - started)
+    return {name: (min(times), statistics.median(times)) for name, times in samples.items()}
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,6 @@ nothing there, and the TT tier runs this only to prove that the ops build and ru
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,17 +28,10 @@ from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
 from ttedge.models.llama.tt.ttlang import choose_kernels
 from ttedge.models.llama.tt.weights import WeightDtypes, convert_layer, host_tensor
 from ttedge.perf.hardware import BLACKHOLE_P150, WORMHOLE_N150, HardwareSpec
-from ttedge.perf.roofline import OpCost
+from ttedge.perf.roofline import CostedOp, OpCost, time_round_robin
 from ttedge.runtime.tt_host import TILE_BYTES
 
 ACTIVATION_BYTES = 2  # bfloat16
-
-
-@dataclass(frozen=True)
-class DeviceOp:
-    name: str
-    run: Callable[[], object]
-    cost: OpCost
 
 
 @dataclass(frozen=True)
@@ -88,7 +78,7 @@ def _weight_bytes(weight: ttnn.Tensor) -> int:
 
 def decode_layer_ops(
     mesh: ttnn.MeshDevice, config: ModelConfig, preset: PrecisionPreset, context: int, ttlang_kernels: bool
-) -> list[DeviceOp]:
+) -> list[CostedOp]:
     """One decode layer's ops at ``context`` cached tokens per user, in the port's order."""
     spec = DeviceSpec.of(mesh)
     blocks_per_user = -(-(context + 1) // BLOCK_TOKENS)
@@ -138,32 +128,32 @@ def decode_layer_ops(
 
     def projection(
         name: str, linear: DramShardedLinear, x_in: ttnn.Tensor, width_in: int, width_out: int
-    ) -> DeviceOp:
+    ) -> CostedOp:
         weight = linear.weight
         cost = OpCost(
             _weight_bytes(weight) + BATCH * (width_in + width_out) * ACTIVATION_BYTES,
             2 * BATCH * width_in * width_out,
             _dtype_name(weight.dtype),
         )
-        return DeviceOp(name, lambda: linear(x_in), cost)
+        return CostedOp(name, lambda: linear(x_in), cost)
 
     return [
-        DeviceOp("attn_norm", lambda: layer.attn_norm(x), OpCost(2 * row, 4 * BATCH * hidden, "bfloat16")),
-        DeviceOp("attention", lambda: layer.attention(normed, step), attention_cost),
-        DeviceOp(
+        CostedOp("attn_norm", lambda: layer.attn_norm(x), OpCost(2 * row, 4 * BATCH * hidden, "bfloat16")),
+        CostedOp("attention", lambda: layer.attention(normed, step), attention_cost),
+        CostedOp(
             "residual_norm",
             lambda: layer.mlp_norm(x, attended),
             OpCost(4 * row, 5 * BATCH * hidden, "bfloat16"),
         ),
         projection("w1", layer.mlp.w1, mlp_in, hidden, mlp),
         projection("w3", layer.mlp.w3, mlp_in, hidden, mlp),
-        DeviceOp(
+        CostedOp(
             "silu_multiply",
             lambda: layer.mlp.silu_multiply(gate, up),
             OpCost(3 * BATCH * mlp * ACTIVATION_BYTES, 5 * BATCH * mlp, "bfloat16"),
         ),
         projection("w2", layer.mlp.w2, gated, mlp, hidden),
-        DeviceOp(
+        CostedOp(
             "residual_add",
             lambda: ttnn.add(h, down, memory_config=ACTIVATIONS_MEMORY),
             OpCost(3 * row, BATCH * hidden, "bfloat16"),
@@ -171,20 +161,8 @@ def decode_layer_ops(
     ]
 
 
-def time_ops(mesh: ttnn.MeshDevice, ops: list[DeviceOp], iterations: int) -> list[DeviceTiming]:
-    """(fastest, median) seconds per op over ``iterations`` rounds of the ops in turn, after a first round
-    that builds their programs."""
-    for op in ops:
-        op.run()
-    ttnn.synchronize_device(mesh)
-    samples: dict[str, list[float]] = {op.name: [] for op in ops}
-    for _ in range(iterations):
-        for op in ops:
-            started = time.perf_counter()
-            op.run()
-            ttnn.synchronize_device(mesh)
-            samples[op.name].append(time.perf_counter() - started)
-    return [
-        DeviceTiming(op.name, min(samples[op.name]), statistics.median(samples[op.name]), op.cost)
-        for op in ops
-    ]
+def time_ops(mesh: ttnn.MeshDevice, ops: list[CostedOp], iterations: int) -> list[DeviceTiming]:
+    """(fastest, median) seconds per op over ``iterations`` rounds of the ops in turn, each timed until
+    the device is idle, after a first round that builds their programs."""
+    times = time_round_robin(ops, iterations, wait=lambda: ttnn.synchronize_device(mesh))
+    return [DeviceTiming(op.name, *times[op.name], op.cost) for op in ops]
