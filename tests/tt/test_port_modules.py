@@ -55,13 +55,8 @@ def test_each_module_runs_one_decode_step(
     layer = host.layers[0]
     page_table, blocks = decode_page_table()
     positions = np.arange(BATCH, dtype=np.int32) * 3  # users at different depths, some past block 0
-    positions_tensor = host_tensor(positions, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(mesh)
-    step = DecodeInputs(
-        positions=positions_tensor,
-        page_table=host_tensor(page_table, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(mesh),
-        rotary=RotarySetup(mesh, spec, config, inverse_frequencies(config)).for_positions(positions),
-        cache_updates=(positions_tensor,),
-    )
+    rope = RotarySetup(mesh, spec, config, inverse_frequencies(config))
+    step = DecodeInputs.one_user_per_slot(mesh, rope, positions, page_table)
     hidden_row = ttnn.Shape([1, 1, BATCH, config.hidden_size])
     tokens = np.arange(BATCH, dtype=np.uint32)[None] * 7
 

@@ -30,8 +30,8 @@ from ttedge.models.llama.tt.model_config import (
     WEIGHTS_MEMORY,
     DeviceSpec,
 )
-from ttedge.models.llama.tt.rope import RotaryInputs
-from ttedge.models.llama.tt.weights import LayerTensors, device_tensor
+from ttedge.models.llama.tt.rope import RotaryInputs, RotarySetup
+from ttedge.models.llama.tt.weights import LayerTensors, device_tensor, host_tensor
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,20 @@ class DecodeInputs:
     # consecutive positions (drafts verified in one step) go in separate updates: each slot's core rewrites
     # the whole cache tiles holding its row, all at once (tt_host.DecodeBatch).
     cache_updates: Sequence[ttnn.Tensor]
+
+    @classmethod
+    def one_user_per_slot(
+        cls, mesh: ttnn.MeshDevice, rope: RotarySetup, positions: np.ndarray, page_table: np.ndarray
+    ) -> DecodeInputs:
+        """The inputs of a decode step where each slot is a different user, from host arrays: ``positions``
+        ``[BATCH]`` int32, ``page_table`` ``[BATCH, blocks_per_user]`` int32."""
+        positions_tensor = host_tensor(positions, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(mesh)
+        return cls(
+            positions=positions_tensor,
+            page_table=host_tensor(page_table, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(mesh),
+            rotary=rope.for_positions(positions),
+            cache_updates=(positions_tensor,),
+        )
 
 
 @dataclass(frozen=True)

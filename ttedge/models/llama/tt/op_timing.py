@@ -95,13 +95,8 @@ def decode_layer_ops(
     )
     positions = np.full(BATCH, context, np.int32)
     page_table = np.arange(num_blocks, dtype=np.int32).reshape(BATCH, blocks_per_user)
-    positions_tensor = host_tensor(positions, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(mesh)
-    step = DecodeInputs(
-        positions=positions_tensor,
-        page_table=host_tensor(page_table, ttnn.int32, ttnn.ROW_MAJOR_LAYOUT).to(mesh),
-        rotary=RotarySetup(mesh, spec, config, inverse_frequencies(config)).for_positions(positions),
-        cache_updates=(positions_tensor,),
-    )
+    rope = RotarySetup(mesh, spec, config, inverse_frequencies(config))
+    step = DecodeInputs.one_user_per_slot(mesh, rope, positions, page_table)
     hidden, mlp = config.hidden_size, config.intermediate_size
     x = host_tensor(np.zeros((1, 1, BATCH, hidden), np.float32), ttnn.bfloat16).to(mesh, ACTIVATIONS_MEMORY)
     # Each op's inputs, made once by the ops before it.
