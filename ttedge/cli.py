@@ -251,7 +251,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     """Run serve or generate tensor-parallel: CPU ranks as processes, a TT mesh in one process, or a
     multi-host TT mesh through tt-run (ttedge.launcher)."""
-    from ttedge.ethernet_mesh.topology import get_mesh
+    from ttedge.ethernet_mesh.topology import MeshError, get_mesh
     from ttedge.launcher import (
         CpuGroup,
         LaunchError,
@@ -285,7 +285,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
                 [*(["-v"] if args.verbose else []), *command, *(["--mesh", args.mesh] if args.mesh else [])]
             )
         group = CpuGroup(tp, args.nnodes, args.node_rank, args.master_addr, args.master_port)
-    except LaunchError as err:
+    except (LaunchError, MeshError) as err:
         raise ConfigError("launch", str(err)) from None
     return run_cpu_group(group, command, args.verbose)
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +85,21 @@ def run_group(
     ]
     for process in ranks:
         process.start()
+    deadline = time.monotonic() + 600
     try:
-        logits, tokens = out.get(timeout=600)
+        while True:
+            try:
+                logits, tokens = out.get(timeout=1)
+                break
+            except queue.Empty:
+                # A rank that died leaves the others waiting in a collective: fail now, not at the deadline.
+                dead = [(rank, p.exitcode) for rank, p in enumerate(ranks) if p.exitcode not in (None, 0)]
+                assert not dead and time.monotonic() < deadline, f"ranks failed (rank, exit code): {dead}"
     finally:
         for process in ranks:
             process.join(60)
+            if process.is_alive():
+                process.kill()
     assert [p.exitcode for p in ranks] == [0] * world
     return torch.from_numpy(logits), tokens
 
