@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
@@ -97,13 +95,12 @@ def decode_steps(runner: Any, vocab: int, batch: int, prompt_len: int, steps: in
     return times
 
 
-def rank_main(rank: int, tp: int, port: int, args: dict[str, Any], results: Any) -> None:
+def rank_main(args: dict[str, Any]) -> list[dict[str, Any]] | None:
     import torch
 
     from ttedge.runtime.cpu import CpuModelRunner
     from ttedge.runtime.tensor_parallel import Rendezvous, TensorParallelRunner, load_shard, run_worker
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     checkpoint = load(args["model"])
     kv_bytes = 256 << 20
     rendezvous = Rendezvous.from_environ()
@@ -116,7 +113,7 @@ def rank_main(rank: int, tp: int, port: int, args: dict[str, Any], results: Any)
         shard = CpuModelRunner(load_shard(checkpoint, rendezvous, args["weights"]), kv_bytes)
         if not rendezvous.is_driver:
             run_worker(shard)
-            return
+            return None
         runner = TensorParallelRunner(shard, checkpoint.config)
     rows = []
     for batch in args["batches"]:
@@ -126,25 +123,16 @@ def rank_main(rank: int, tp: int, port: int, args: dict[str, Any], results: Any)
         rows.append({"batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step})
     if rendezvous is not None:
         runner.close()
-    results.put(rows)
+    return rows
 
 
 def measure(model: str, tp: int, args: dict[str, Any]) -> list[dict[str, Any]]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    ranks = [
-        context.Process(target=rank_main, args=(r, tp, port, {**args, "model": model}, results))
-        for r in range(tp)
-    ]
-    for process in ranks:
-        process.start()
-    rows = results.get(timeout=3600)
-    for process in ranks:
-        process.join()
-    return [{"model": model, "tp": tp, **row} for row in rows]
+    """``rank_main`` on ``tp`` ranks of this machine; one process, without a group, at TP=1."""
+    from ttedge.launcher import run_local_group
+
+    settings = {**args, "model": model}
+    rows = rank_main(settings) if tp == 1 else run_local_group(tp, rank_main, settings)
+    return [{"model": model, "tp": tp, **row} for row in rows or []]
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -15,16 +15,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 COMMANDS = ("serve", "generate")
 # How long the other ranks get to leave on their own once rank 0 has finished, or once a rank has failed,
@@ -155,6 +158,49 @@ def _stop_all(ranks: list[tuple[int, subprocess.Popen[bytes]]]) -> None:
         if all(p.poll() is not None for _, p in ranks):
             return
         deadline = time.monotonic() + _GRACE_S
+
+
+def run_local_group(world_size: int, rank_main: Callable[..., Any], *args: Any, timeout: float = 3600) -> Any:
+    """``rank_main(*args)`` in ``world_size`` spawned processes on this machine, joined through the
+    environment rendezvous as ``ttedge launch`` joins them; returns what rank 0's call returns. For
+    benchmarks and tests, which want a result back rather than a command run. Fails as soon as a rank
+    dies, since the others would wait for it in a collective until the timeout."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    group = CpuGroup(world_size)
+    ranks = [
+        context.Process(target=_local_rank, args=(env, rank_main, args, results))
+        for env in group.environments(free_port())
+    ]
+    for process in ranks:
+        process.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                result = results.get(timeout=1)
+                break
+            except queue.Empty:
+                dead = [(rank, p.exitcode) for rank, p in enumerate(ranks) if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"the group failed (rank, exit code): {dead or 'timed out'}") from None
+    finally:
+        for process in ranks:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+    if any(p.exitcode for p in ranks):
+        raise RuntimeError(f"ranks exited with codes {[p.exitcode for p in ranks]}")
+    return result
+
+
+def _local_rank(
+    env: dict[str, str], rank_main: Callable[..., Any], args: tuple[Any, ...], results: Any
+) -> None:
+    os.environ.update(env)
+    result = rank_main(*args)
+    if env["RANK"] == "0":
+        results.put(result)
 
 
 def tt_run_command(

@@ -5,11 +5,7 @@ real SmolLM2-135M at TP=3, the one degree its 9 query / 3 KV heads allow besides
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +23,7 @@ from tests.fixtures.tiny_checkpoints import (
 from tests.models.conftest_helpers import pcc
 from ttedge.checkpoint import load_checkpoint
 from ttedge.ethernet_mesh.sharding import Split, plan_tensor_parallel
+from ttedge.launcher import run_local_group
 from ttedge.models.llama.linear import Int4Groups
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import StepInput
@@ -52,10 +49,7 @@ def greedy_run(runner: Any, prompt: list[int], new_tokens: int) -> tuple[torch.T
     return prompt_logits, tokens
 
 
-def _rank(
-    rank: int, world: int, port: int, path: str, fmt: str, prompt: list[int], new: int, out: Any
-) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(path: str, fmt: str, prompt: list[int], new: int) -> tuple[np.ndarray, list[int]] | None:
     torch.set_num_threads(1)
     rendezvous = Rendezvous.from_environ()
     assert rendezvous is not None
@@ -63,44 +57,18 @@ def _rank(
     shard = CpuModelRunner(load_shard(checkpoint, rendezvous, fmt), KV_CACHE_BYTES)
     if not rendezvous.is_driver:
         run_worker(shard)
-        return
+        return None
     runner = TensorParallelRunner(shard, checkpoint.config)
     logits, tokens = greedy_run(runner, prompt, new)
     runner.close()
-    out.put((logits.numpy(), tokens))
+    return logits.numpy(), tokens
 
 
 def run_group(
     world: int, path: Path, fmt: str, prompt: list[int], new: int
 ) -> tuple[torch.Tensor, list[int]]:
     """``greedy_run`` on a group of ``world`` gloo processes."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    ranks = [
-        context.Process(target=_rank, args=(r, world, port, str(path), fmt, prompt, new, out))
-        for r in range(world)
-    ]
-    for process in ranks:
-        process.start()
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            try:
-                logits, tokens = out.get(timeout=1)
-                break
-            except queue.Empty:
-                # A rank that died leaves the others waiting in a collective: fail now, not at the deadline.
-                dead = [(rank, p.exitcode) for rank, p in enumerate(ranks) if p.exitcode not in (None, 0)]
-                assert not dead and time.monotonic() < deadline, f"ranks failed (rank, exit code): {dead}"
-    finally:
-        for process in ranks:
-            process.join(60)
-            if process.is_alive():
-                process.kill()
-    assert [p.exitcode for p in ranks] == [0] * world
+    logits, tokens = run_local_group(world, _rank, str(path), fmt, prompt, new, timeout=600)
     return torch.from_numpy(logits), tokens
 
 
