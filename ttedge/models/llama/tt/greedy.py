@@ -1,10 +1,17 @@
 """Greedy decoding on the device: each row's argmax token id, so only 4 bytes per row cross PCIe instead
-of the row's logits (tt_transformers' ``argmax_on_device``)."""
+of the row's logits (tt_transformers' ``argmax_on_device``); and greedy verification of drafts there, so
+only an accepted length and a token per sequence cross it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import ttnn
+
+from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, TILE
+from ttedge.models.llama.tt.ttlang import AcceptedLengths
+from ttedge.models.llama.tt.weights import host_tensor
 
 
 def greedy_token_ids(logits: ttnn.Tensor, vocab_size: int) -> ttnn.Tensor:
@@ -23,3 +30,67 @@ def greedy_token_ids(logits: ttnn.Tensor, vocab_size: int) -> ttnn.Tensor:
 def token_ids_to_host(ids: ttnn.Tensor, rows: slice) -> np.ndarray:
     """``rows`` of device token ids ``[1, 1, rows]`` as int64 ``[len(rows)]``."""
     return ids.cpu().to_numpy().reshape(-1)[rows].astype(np.int64)
+
+
+class DeviceTokenIds:
+    """Greedy token ids left on the device, one ``[1, 1, rows]`` tensor per forward, for a verification on
+    the device (``verify_greedy``) instead of a read-back."""
+
+    def __init__(self) -> None:
+        self.pieces: list[ttnn.Tensor] = []
+        self.length = 0
+
+    def keep(self, ids: ttnn.Tensor, rows: slice) -> np.ndarray:
+        """Keep a forward's ids; returns where its ``rows`` will be in the concatenation of every piece."""
+        offset = self.length
+        self.pieces.append(ids)
+        self.length += ids.shape[-1]
+        return np.arange(offset + rows.start, offset + rows.stop)
+
+    def concatenated(self) -> ttnn.Tensor:
+        return self.pieces[0] if len(self.pieces) == 1 else ttnn.concat(self.pieces, dim=-1)
+
+
+def verify_greedy(
+    kept: DeviceTokenIds,
+    rows: Sequence[np.ndarray],
+    drafts: Sequence[Sequence[int]],
+    accepted_lengths: AcceptedLengths,
+) -> list[tuple[int, int]]:
+    """Greedy verification on the device: per sequence, how many of its ``drafts`` the target accepts and
+    the target's token after them (a correction, or the bonus token after a fully accepted draft).
+
+    ``rows[i]``: where sequence ``i``'s argmax ids are among ``kept``'s (``DeviceTokenIds.keep``), in token
+    order, the last ``len(drafts[i]) + 1`` of them at its last token and each draft. The ids are gathered
+    into a grid of a row per sequence, the drafts are compared there (``AcceptedLengths``: the TT-Lang
+    kernel or ttnn's ops) and the token is gathered at the accepted length: two numbers per sequence cross
+    PCIe instead of ``len(drafts[i]) + 1`` ids.
+    """
+    if len(rows) != len(drafts):
+        raise ValueError(f"{len(drafts)} draft lists for {len(rows)} sequences")
+    for index, (targets, draft) in enumerate(zip(rows, drafts, strict=True)):
+        if len(targets) < len(draft) + 1:
+            raise ValueError(
+                f"sequence {index}: {len(draft)} drafts need {len(draft) + 1} argmax rows, got {len(targets)}"
+            )
+    mesh = accepted_lengths.mesh
+    grid_rows = -(-len(rows) // TILE) * TILE
+    grid_cols = -(-max(len(draft) + 1 for draft in drafts) // TILE) * TILE
+    # Padding gathers position 0, whose id meets a padded draft: never a match.
+    where = np.zeros((grid_rows, grid_cols), np.uint32)
+    draft_grid = np.full((grid_rows, grid_cols), AcceptedLengths.DRAFT_PAD, np.float32)
+    for index, (targets, draft) in enumerate(zip(rows, drafts, strict=True)):
+        compared = targets[len(targets) - len(draft) - 1 :]
+        where[index, : len(compared)] = compared
+        draft_grid[index, : len(draft)] = draft
+    where_tensor = host_tensor(where.reshape(1, 1, -1), ttnn.uint32, ttnn.ROW_MAJOR_LAYOUT).to(mesh)
+    targets_rm = ttnn.gather(kept.concatenated(), -1, index=where_tensor)
+    target_ids = ttnn.to_layout(ttnn.reshape(targets_rm, (grid_rows, grid_cols)), ttnn.TILE_LAYOUT)
+    accepted = accepted_lengths(
+        host_tensor(draft_grid, ttnn.float32).to(mesh, ACTIVATIONS_MEMORY),
+        ttnn.typecast(target_ids, ttnn.float32),
+    )
+    tokens = ttnn.gather(target_ids, -1, index=ttnn.typecast(accepted, ttnn.uint32))
+    counts = accepted.cpu().to_numpy().reshape(-1)
+    ids = tokens.cpu().to_numpy().reshape(-1)
+    return [(round(float(counts[i])), int(ids[i])) for i in range(len(rows))]
