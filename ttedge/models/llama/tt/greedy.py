@@ -51,6 +51,32 @@ class DeviceTokenIds:
         return self.pieces[0] if len(self.pieces) == 1 else ttnn.concat(self.pieces, dim=-1)
 
 
+def verification_grids(
+    rows: Sequence[np.ndarray], drafts: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The host side of ``verify_greedy``: uint32 ``where`` and float32 ``draft`` grids ``[rows, cols]``, a
+    row per sequence and a column per compared position, both padded to whole tiles. ``where[i, j]`` is
+    the position among the kept ids of sequence ``i``'s argmax before its draft ``j`` (at ``j ==
+    len(drafts[i])``, after the last draft: the bonus token); ``draft[i, j]`` is that draft, and
+    ``AcceptedLengths.DRAFT_PAD`` from the bonus column on, so the prefix of matches ends there."""
+    if len(rows) != len(drafts):
+        raise ValueError(f"{len(drafts)} draft lists for {len(rows)} sequences")
+    grid_rows = -(-len(rows) // TILE) * TILE
+    grid_cols = -(-max(len(draft) + 1 for draft in drafts) // TILE) * TILE
+    # Padding gathers position 0, whose id meets a padded draft: never a match.
+    where = np.zeros((grid_rows, grid_cols), np.uint32)
+    draft_grid = np.full((grid_rows, grid_cols), AcceptedLengths.DRAFT_PAD, np.float32)
+    for index, (targets, draft) in enumerate(zip(rows, drafts, strict=True)):
+        if len(targets) < len(draft) + 1:
+            raise ValueError(
+                f"sequence {index}: {len(draft)} drafts need {len(draft) + 1} argmax rows, got {len(targets)}"
+            )
+        compared = targets[len(targets) - len(draft) - 1 :]
+        where[index, : len(compared)] = compared
+        draft_grid[index, : len(draft)] = draft
+    return where, draft_grid
+
+
 def verify_greedy(
     kept: DeviceTokenIds,
     rows: Sequence[np.ndarray],
@@ -62,30 +88,15 @@ def verify_greedy(
 
     ``rows[i]``: where sequence ``i``'s argmax ids are among ``kept``'s (``DeviceTokenIds.keep``), in token
     order, the last ``len(drafts[i]) + 1`` of them at its last token and each draft. The ids are gathered
-    into a grid of a row per sequence, the drafts are compared there (``AcceptedLengths``: the TT-Lang
-    kernel or ttnn's ops) and the token is gathered at the accepted length: two numbers per sequence cross
-    PCIe instead of ``len(drafts[i]) + 1`` ids.
+    into a grid of a row per sequence (``verification_grids``), the drafts are compared there
+    (``AcceptedLengths``: the TT-Lang kernel or ttnn's ops) and the token is gathered at the accepted
+    length: two numbers per sequence cross PCIe instead of ``len(drafts[i]) + 1`` ids.
     """
-    if len(rows) != len(drafts):
-        raise ValueError(f"{len(drafts)} draft lists for {len(rows)} sequences")
-    for index, (targets, draft) in enumerate(zip(rows, drafts, strict=True)):
-        if len(targets) < len(draft) + 1:
-            raise ValueError(
-                f"sequence {index}: {len(draft)} drafts need {len(draft) + 1} argmax rows, got {len(targets)}"
-            )
+    where, draft_grid = verification_grids(rows, drafts)
     mesh = accepted_lengths.mesh
-    grid_rows = -(-len(rows) // TILE) * TILE
-    grid_cols = -(-max(len(draft) + 1 for draft in drafts) // TILE) * TILE
-    # Padding gathers position 0, whose id meets a padded draft: never a match.
-    where = np.zeros((grid_rows, grid_cols), np.uint32)
-    draft_grid = np.full((grid_rows, grid_cols), AcceptedLengths.DRAFT_PAD, np.float32)
-    for index, (targets, draft) in enumerate(zip(rows, drafts, strict=True)):
-        compared = targets[len(targets) - len(draft) - 1 :]
-        where[index, : len(compared)] = compared
-        draft_grid[index, : len(draft)] = draft
     where_tensor = host_tensor(where.reshape(1, 1, -1), ttnn.uint32, ttnn.ROW_MAJOR_LAYOUT).to(mesh)
-    targets_rm = ttnn.gather(kept.concatenated(), -1, index=where_tensor)
-    target_ids = ttnn.to_layout(ttnn.reshape(targets_rm, (grid_rows, grid_cols)), ttnn.TILE_LAYOUT)
+    gathered = ttnn.gather(kept.concatenated(), -1, index=where_tensor)
+    target_ids = ttnn.to_layout(ttnn.reshape(gathered, where.shape), ttnn.TILE_LAYOUT)
     accepted = accepted_lengths(
         host_tensor(draft_grid, ttnn.float32).to(mesh, ACTIVATIONS_MEMORY),
         ttnn.typecast(target_ids, ttnn.float32),
