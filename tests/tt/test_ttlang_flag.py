@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import ttnn
 
+import ttedge.kernels
 from tests.tt.conftest import BOARDS
 from tests.tt.support import BATCH, SMOLLM2, SMOLLM2_PRESET, TINY, decode_page_table, random_weights
 from ttedge.models.llama.tt import ttlang
@@ -134,3 +137,53 @@ def test_greedy_verification_runs_on_the_fallback(
     assert grids == [(32, 32)]  # one comparison for the whole step
     with pytest.raises(ValueError, match="input 0: its drafts must end its token ids, with all_logits"):
         runner.verify_greedy(inputs[:1], [[9, 10, 11]])
+
+
+class StandInKernel:
+    """In place of a compiled TT-Lang operation (tt-lang cannot be installed here): records the shapes of
+    the device tensors it is called with and computes nothing."""
+
+    def __init__(self, calls: dict[str, list[tuple[tuple[int, ...], ...]]], name: str):
+        self.calls, self.name = calls, name
+
+    def __call__(self, *tensors: ttnn.Tensor) -> None:
+        self.calls.setdefault(self.name, []).append(tuple(tuple(t.shape) for t in tensors))
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_the_kernel_branches_ttnn_glue_runs_with_stand_in_kernels(
+    mock_device: Callable[[str | Path], ttnn.MeshDevice], board: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ttnn ops around each kernel (re-layouts, reshapes to the kernels' 2-D tile grids, outputs)
+    validated on the mock, with stand-ins for the kernels; what the kernels compute is the simulator's."""
+    calls: dict[str, list[tuple[tuple[int, ...], ...]]] = {}
+    for name in ("residual_rmsnorm", "swiglu", "rotary", "speculative_acceptance"):
+        module = types.ModuleType(f"ttedge.kernels.{name}")
+        module.build = lambda *args, name=name, **kwargs: StandInKernel(calls, name)  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setattr(ttedge.kernels, name, module, raising=False)
+    monkeypatch.setattr(ttlang, "missing_compiler", lambda: None)
+    runner = TtDeviceRunner(
+        mock_device(board), TINY, random_weights(TINY), SMOLLM2_PRESET, 16, 128, ttlang_kernels=True
+    )
+    assert runner.model.kernels == KernelChoice(True, True, True, True, "ttlang_kernels on")
+    verdicts = runner.verify_greedy(
+        [StepInput([7, 8, 9], 40, [0, 1], all_logits=True), StepInput([3], 20, [2])], [[8, 9], []]
+    )
+    assert len(verdicts) == 2
+    users, hidden, head_dim = BATCH, TINY.hidden_size, TINY.head_dim
+    per_layer = TINY.num_layers
+    # Q and K rotated as [users x heads, head_dim] grids, with a table row per row.
+    q_rows, k_rows = (users * TINY.num_heads, head_dim), (users * TINY.num_kv_heads, head_dim)
+    rotation = (head_dim, head_dim)
+    assert (
+        calls["rotary"]
+        == [
+            (q_rows, q_rows, q_rows, rotation, q_rows),
+            (k_rows, k_rows, k_rows, rotation, k_rows),
+        ]
+        * per_layer
+    )
+    assert calls["residual_rmsnorm"] == [((users, hidden),) * 5] * per_layer
+    assert len(calls["swiglu"]) == per_layer
+    assert calls["speculative_acceptance"] == [((32, 32), (32, 32), (32, 32), (32, 32))]

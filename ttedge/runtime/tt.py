@@ -177,7 +177,7 @@ class TtDeviceRunner:
             )
         if not any(token.keep_logits for token in step.tokens):
             return  # tokens on the way to a block boundary before a prefill: nothing reads their logits
-        rows = self._to_host(out, slice(0, len(step.tokens)), greedy, kept)
+        rows = self._output_rows(out, slice(0, len(step.tokens)), greedy, kept)
         for slot, token in enumerate(step.tokens):
             if token.keep_logits:
                 outputs.add(token.input_index, rows[slot : slot + 1])
@@ -197,9 +197,9 @@ class TtDeviceRunner:
             return
         # Without all_rows the device returned the last token's tile row only.
         rows = slice(0, n) if chunk.all_rows else slice((n - 1) % TILE, (n - 1) % TILE + 1)
-        outputs.add(chunk.input_index, self._to_host(out, rows, greedy, kept))
+        outputs.add(chunk.input_index, self._output_rows(out, rows, greedy, kept))
 
-    def _to_host(
+    def _output_rows(
         self, out: ttnn.Tensor, rows: slice, greedy: bool, kept: DeviceTokenIds | None
     ) -> np.ndarray:
         if kept is not None:

@@ -43,7 +43,9 @@ class DeviceTokenIds:
     def keep(self, ids: ttnn.Tensor, rows: slice) -> np.ndarray:
         """Keep a forward's ids; returns where its ``rows`` will be in the concatenation of every piece."""
         offset = self.length
-        self.pieces.append(ids)
+        # A copy: a traced decode's output is rewritten by its next replay, within the same step when the
+        # step takes two decode forwards.
+        self.pieces.append(ttnn.clone(ids))
         self.length += ids.shape[-1]
         return np.arange(offset + rows.start, offset + rows.stop)
 

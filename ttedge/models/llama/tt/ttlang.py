@@ -120,7 +120,8 @@ class ResidualNorm:
 
             self.fused = residual_rmsnorm.build(_grid(mesh), eps)
             # The kernel reads the weight as a tile row: the norm weight repeated on all 32 rows.
-            rows = weight.to_numpy().astype(np.float32).reshape(1, -1)
+            # ttnn 0.81.1's to_numpy of a bfloat16 tensor holds no numbers numpy can cast: float32 first.
+            rows = ttnn.to_dtype(weight, ttnn.float32).to_numpy().reshape(1, -1)
             tile_row = np.ascontiguousarray(np.broadcast_to(rows, (TILE, rows.size)))
             self.weight_rows = _as_rows(device_tensor(mesh, tile_row, ttnn.bfloat16, WEIGHTS_MEMORY))
 
@@ -162,16 +163,17 @@ class SiluMultiply:
 
 
 class Rotary:
-    """Decode's rotary embedding of Q and K heads ``[1, BATCH, padded heads, head_dim]`` (one user per core,
-    height-sharded): ``rotary_embedding_llama``, or the TT-Lang ``rotary`` kernel given the same inputs.
+    """Decode's rotary embedding of Q and K heads ``[1, users, heads, head_dim]`` (one user per core,
+    height-sharded, each user's heads padded to a tile): ``rotary_embedding_llama``, or the TT-Lang
+    ``rotary`` kernel given the same inputs.
 
     The kernel computes ``x * cos + (x @ R) * sin`` per head with a ``[head_dim, head_dim]`` ``R``: with
     ``R = head_rotation(head_dim)`` (the port's trans_mat on each tile of a head) and the port's Meta-order
     cos/sin it is ``rotary_embedding_llama`` on the permuted weights (tests/kernels/test_rotary_meta_order.py
-    checks it against the torch reference). Decode's heads need no reordering for it: every row of a user's
-    tile (one per padded head) is rotated at that user's position, and the user's cos/sin tile repeats the
-    position on all 32 rows (``RotarySetup.decode_cos_sin``), so heads and tables line up row for row as
-    ``[BATCH * 32, head_dim]`` grids, a single "head" per row.
+    checks it against the torch reference). The kernel takes the heads as a ``[users * heads, head_dim]``
+    grid, row ``u * heads + h`` for head ``h`` of user ``u``, with a table row per row of it: each user's
+    decode cos/sin tile repeats its position on all 32 rows (``RotarySetup.decode_cos_sin``), so its first
+    ``heads`` rows, in user order, are those rows.
 
     Prefill keeps ``rotary_embedding_llama``: there Q is ``[1, heads, seq_len, head_dim]`` with one cos/sin
     row per position broadcast over the heads, which the kernel's layout (a table row per row of ``x``) would
@@ -199,16 +201,22 @@ class Rotary:
                 ),
             )
         # The kernel reads interleaved tiles; the tables are converted once for Q and K.
-        cos = _as_rows(ttnn.sharded_to_interleaved(rot.cos, ACTIVATIONS_MEMORY))
-        sin = _as_rows(ttnn.sharded_to_interleaved(rot.sin, ACTIVATIONS_MEMORY))
+        cos = ttnn.sharded_to_interleaved(rot.cos, ACTIVATIONS_MEMORY)
+        sin = ttnn.sharded_to_interleaved(rot.sin, ACTIVATIONS_MEMORY)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, heads: ttnn.Tensor, cos: ttnn.Tensor, sin: ttnn.Tensor) -> ttnn.Tensor:
-        x = ttnn.sharded_to_interleaved(heads, ACTIVATIONS_MEMORY)
+        _, users, count, head_dim = heads.shape
+
+        def per_head(table: ttnn.Tensor) -> ttnn.Tensor:
+            return _as_rows(ttnn.slice(table, (0, 0, 0, 0), (1, users, count, head_dim)))
+
+        x = _as_rows(ttnn.sharded_to_interleaved(heads, ACTIVATIONS_MEMORY))
+        # The kernel writes ``out`` itself: a reshape of a tile tensor may be a copy, so not of a 4-D one.
         out = ttnn.zeros_like(x)
-        self.kernel(_as_rows(x), cos, sin, self.rotation, _as_rows(out))
+        self.kernel(x, per_head(cos), per_head(sin), self.rotation, out)
         # Back to one user per core, as the cache update and SDPA decode read Q and K.
-        return ttnn.interleaved_to_sharded(out, heads.memory_config())
+        return ttnn.interleaved_to_sharded(ttnn.reshape(out, heads.shape), heads.memory_config())
 
 
 class AcceptedLengths:
