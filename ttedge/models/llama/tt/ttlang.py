@@ -7,7 +7,8 @@ installed; ttnn's ops otherwise. The choice and its reason are logged once per m
 What cannot be checked in this repository: tt-lang 1.1.1 pins ttnn 0.69.0 and the port pins 0.81.1, so no
 environment here holds both, and there is no card. The TT tier runs the flag and the ttnn fallback on mock
 clusters; the kernels themselves run in the simulator (tests/kernels) and, on a card with tt-lang, in
-``tests/kernels/test_hardware.py``. The kernel branches below are what a card would run, unexecuted here.
+``tests/kernels/test_hardware.py``. The kernel branches below are what a card would run: here only their
+ttnn ops run, on the mock with stand-ins for the kernels (tests/tt/test_ttlang_flag.py).
 """
 
 from __future__ import annotations
