@@ -141,6 +141,8 @@ class TtDeviceRunner:
         for index, (step, draft) in enumerate(zip(inputs, drafts, strict=True)):
             if draft and (not step.all_logits or list(step.token_ids[-len(draft) :]) != list(draft)):
                 raise ValueError(f"input {index}: its drafts must end its token ids, with all_logits")
+        if not inputs:
+            return []
         kept = DeviceTokenIds()
         rows = self._run(inputs, greedy=True, kept=kept)
         return verify_greedy(kept, rows, drafts, self.accepted_lengths)
