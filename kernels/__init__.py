@@ -2,7 +2,8 @@
 
 - ``residual_rmsnorm``: the residual add and the RMSNorm after it, fused;
 - ``swiglu``: ``silu(gate) * up``;
-- ``rotary``: rotary position embedding, Hugging Face's rotate-half convention;
+- ``rotary``: rotary position embedding with a rotation matrix input (Hugging Face's rotate-half, or the
+  TT port's Meta pair order);
 - ``speculative_acceptance``: the accepted length of each sequence's draft, for greedy verification.
 
 Importing this package imports neither TT-Lang nor its simulator: a kernel module needs one of them

@@ -17,11 +17,24 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate.float()) * up.float()
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``x`` ``[rows, heads * head_dim]``, ``cos``/``sin`` ``[rows, head_dim]``: rotate-half rope per head."""
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    head_dim: int,
+    rotation: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x`` ``[rows, heads * head_dim]``, ``cos``/``sin`` ``[rows, head_dim]``: ``x * cos + (x @ R) * sin``
+    per head. ``rotation`` ``R`` ``[head_dim, head_dim]`` is the kernel's input of that name; without it,
+    Hugging Face's rotate-half, written out independently of any matrix."""
     heads = x.float().view(x.shape[0], -1, head_dim)
-    half = head_dim // 2
-    rotated = torch.cat([-heads[..., half:], heads[..., :half]], dim=-1)
+    if rotation is None:
+        half = head_dim // 2
+        rotated = torch.cat([-heads[..., half:], heads[..., :half]], dim=-1)
+    elif rotation.shape != (head_dim, head_dim):
+        raise ValueError(f"rotation {tuple(rotation.shape)} is not [{head_dim}, {head_dim}]")
+    else:
+        rotated = heads @ rotation.float()
     return (heads * cos[:, None].float() + rotated * sin[:, None].float()).view(x.shape)
 
 

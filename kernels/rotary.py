@@ -1,5 +1,6 @@
-"""Rotary position embedding in Hugging Face's rotate-half convention:
-``out = x * cos + rotate_half(x) * sin`` per head, ``rotate_half([a, b]) = [-b, a]`` over the head's halves.
+"""Rotary position embedding, ``out = x * cos + (x @ rotation) * sin`` per head: Hugging Face's rotate-half
+convention with ``rotation_matrix`` (``rotate_half([a, b]) = [-b, a]`` over the head's halves), the TT port's
+Meta pair order with its transformation matrix on each tile of a head (``rope_tables.head_rotation``).
 
 ``x`` is ``[rows, heads * head_dim]`` (a row per token, or per user in decode), ``cos`` and ``sin`` are
 ``[rows, head_dim]`` (each row at its own position, shared by all heads), ``rotation`` is the
@@ -104,15 +105,17 @@ def run(
     head_dim: int,
     grid: tuple[int, int],
     device: Any,
+    rotation: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rope for host tensors ``x`` ``[rows, heads * head_dim]`` and ``cos``/``sin`` ``[rows, head_dim]``."""
+    """Rope for host tensors ``x`` ``[rows, heads * head_dim]`` and ``cos``/``sin`` ``[rows, head_dim]``;
+    ``rotation`` ``[head_dim, head_dim]``, by default ``rotation_matrix(head_dim)``."""
     rows = x.shape[0]
     out = device_tensor(torch.zeros_like(pad_rows(x)), ttnn.bfloat16, device)
     build(grid, head_dim)(
         device_tensor(pad_rows(x), ttnn.bfloat16, device),
         device_tensor(pad_rows(cos), ttnn.bfloat16, device),
         device_tensor(pad_rows(sin), ttnn.bfloat16, device),
-        device_tensor(rotation_matrix(head_dim), ttnn.bfloat16, device),
+        device_tensor(rotation_matrix(head_dim) if rotation is None else rotation, ttnn.bfloat16, device),
         out,
     )
     return host_tensor(out)[:rows]

@@ -5,6 +5,7 @@ model's greedy output, the small model's, or a splice of both), so the tests com
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.fixtures.tiny_engine import tiny_engine, tiny_parts, tiny_small_model
 from ttedge.collab.drafters import DraftRequest, PromptLookupDrafter
@@ -12,6 +13,7 @@ from ttedge.collab.strategies import CollabConfig, Route, Strategy
 from ttedge.engine.engine import Engine, StrategyUnavailable
 from ttedge.engine.sampling import SamplingParams
 from ttedge.engine.scheduler import SchedulerConfig
+from ttedge.kernels import golden
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8] * 6, list(range(5, 55)), [9, 10, 11] * 5 + [12], list(range(30, 47)), [3]]
@@ -191,6 +193,35 @@ class GreedyIdsRunner:
     def run_greedy(self, inputs):
         self.calls.append("ids")
         return [rows.argmax(dim=-1) for rows in self.runner.run(inputs)]
+
+
+class VerifyingRunner(GreedyIdsRunner):
+    """``GreedyIdsRunner`` plus ``run_greedy_verify``, as the TT runner verifies greedy drafts on the card:
+    the accepted lengths come from the acceptance kernel's golden (a vectorised prefix scan, not the
+    engine's ``accept_greedy``), and only a count and a token per input go back."""
+
+    def run_greedy_verify(self, inputs, drafts):
+        self.calls.append("verify")
+        verdicts = []
+        for rows, draft in zip(self.runner.run(inputs), drafts, strict=True):
+            targets = rows[rows.shape[0] - len(draft) - 1 :].argmax(dim=-1)
+            accepted = int(golden.accepted_lengths(torch.tensor([draft]), targets[None])[0])
+            verdicts.append((accepted, int(targets[accepted])))
+        return verdicts
+
+
+@pytest.mark.parametrize("strategy", [Strategy.PLAIN, Strategy.SPECULATIVE])
+def test_drafts_verified_by_the_runner_give_the_same_output(parts, big, strategy):
+    # A one-layer draft model: drafts accepted and rejected.
+    on_host = make_engine(parts, strategy)
+    on_host.runner = GreedyIdsRunner(on_host.runner)
+    on_device = make_engine(parts, strategy)
+    on_device.runner = VerifyingRunner(on_device.runner)
+    assert outputs(on_device) == outputs(on_host) == big
+    assert set(on_device.runner.calls) == {"verify"}
+    assert on_device.stats().collab == on_host.stats().collab
+    if strategy is Strategy.SPECULATIVE:
+        assert 0 < on_device.stats().collab.accepted_draft_tokens < on_device.stats().collab.draft_tokens
 
 
 @pytest.mark.parametrize("strategy", [Strategy.PLAIN, Strategy.SPECULATIVE])

@@ -16,11 +16,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
 from ttedge.kernels import footprint, golden
 from ttedge.kernels.simulation import KernelCase, Simulator, SimulatorRun
+from ttedge.models.llama.tt.rope_tables import head_rotation, interleaved_cos_sin
 from ttedge.perf.hardware import WORMHOLE_N150
 
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
@@ -115,6 +117,21 @@ def test_rotary(simulator: Simulator, rows: int, heads: int, head_dim: int, grid
     cos, sin = rope_tables(rows, head_dim, generator)
     run = simulator.run(KernelCase("rotary", grid, {"x": x, "cos": cos, "sin": sin}, {"head_dim": head_dim}))
     torch.testing.assert_close(run.outputs[0], golden.rotary(x, cos, sin, head_dim), **TOLERANCE)
+
+
+@pytest.mark.parametrize(("heads", "head_dim"), [(9, 64), (4, 128)])
+def test_rotary_with_the_tt_ports_rotation(simulator: Simulator, heads: int, head_dim: int) -> None:
+    """The kernel given the TT port's inputs (its transformation matrix on each tile of a head, Meta-order
+    tables) computes its golden with that rotation, which test_rotary_meta_order.py ties to the reference."""
+    generator = torch.Generator().manual_seed(heads)
+    x = torch.randn(32, heads * head_dim, generator=generator)
+    positions = torch.randint(0, 4096, (32,), generator=generator).numpy()
+    inverse = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
+    cos, sin = (torch.from_numpy(t).float() for t in interleaved_cos_sin(inverse, positions))
+    rotation = torch.from_numpy(head_rotation(head_dim))
+    inputs = {"x": x, "cos": cos, "sin": sin, "rotation": rotation}
+    run = simulator.run(KernelCase("rotary", (2, 2), inputs, {"head_dim": head_dim}))
+    torch.testing.assert_close(run.outputs[0], golden.rotary(x, cos, sin, head_dim, rotation), **TOLERANCE)
 
 
 def drafts_with_known_acceptance(

@@ -33,7 +33,7 @@ import ttnn
 
 from ttedge.config import ModelConfig
 from ttedge.models.llama.tt.model_config import TILE
-from ttedge.models.llama.tt.rope import interleaved_cos_sin, transformation_matrix
+from ttedge.models.llama.tt.rope_tables import interleaved_cos_sin, transformation_matrix
 from ttedge.models.llama.tt.weights import HostLayer, HostOuter, ModelTensors
 
 

@@ -31,7 +31,7 @@ from ttedge.checkpoint import load_checkpoint  # noqa: E402
 from ttedge.checkpoint.discovery import ModelNotFoundError, resolve_model  # noqa: E402
 from ttedge.model_zoo import PrecisionPreset, find_card  # noqa: E402
 from ttedge.models.llama.reference import LlamaModel, rms_norm  # noqa: E402
-from ttedge.models.llama.tt.rope import inverse_frequencies  # noqa: E402
+from ttedge.models.llama.tt.rope_tables import inverse_frequencies  # noqa: E402
 from ttedge.models.llama.tt.weights import WeightDtypes, convert_model, prepare_layer, prepare_outer  # noqa: E402
 from ttedge.runtime.base import StepInput  # noqa: E402
 from ttedge.runtime.cpu import CpuModelRunner  # noqa: E402

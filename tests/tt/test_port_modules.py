@@ -25,7 +25,8 @@ from ttedge.models.llama.tt.lm_head import LMHead
 from ttedge.models.llama.tt.mlp import MLP
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, BLOCK_TOKENS, PREFILL_MEMORY, DeviceSpec
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
-from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
+from ttedge.models.llama.tt.rope import RotarySetup
+from ttedge.models.llama.tt.rope_tables import inverse_frequencies
 from ttedge.models.llama.tt.weights import ModelTensors, WeightDtypes, convert_model, host_tensor, pad_to_tile
 
 CONFIGS = {"smollm2": SMOLLM2, "tiny": TINY}

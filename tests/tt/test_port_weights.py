@@ -20,10 +20,14 @@ from tests.tt.conftest import MOCK_DIR
 from tests.tt.support import SMOLLM2, TINY, random_weights
 from ttedge.config import ModelConfig, RopeScaling
 from ttedge.model_zoo import PrecisionPreset, find_card
-from ttedge.models.llama.tt.rope import interleaved_cos_sin, inverse_frequencies, transformation_matrix
+from ttedge.models.llama.tt.rope_tables import (
+    hf_to_meta_rows,
+    interleaved_cos_sin,
+    inverse_frequencies,
+    transformation_matrix,
+)
 from ttedge.models.llama.tt.weights import (
     WeightDtypes,
-    hf_to_meta_rows,
     host_tensor,
     prepare_layer,
     prepare_outer,

@@ -23,7 +23,7 @@ from tests.tt.support import SMOLLM2, SMOLLM2_PRESET, TINY, random_weights
 from ttedge.config import ModelConfig
 from ttedge.models.llama.tt import model_config
 from ttedge.runtime import tt_host
-from ttedge.runtime.base import StepInput
+from ttedge.runtime.base import StepInput, VerifiesGreedyOnDevice
 from ttedge.runtime.tt import TtDeviceRunner
 
 # SmolLM2's shapes with two of its 30 layers: every op shape is the real model's, and the whole-model
@@ -243,3 +243,6 @@ def test_model_runner_hands_torch_tensors_to_the_engine(
     assert logits.dtype == torch.float32 and logits.shape == (1, TINY.vocab_size)
     [ids] = runner.run_greedy([StepInput([1, 2, 3], 40, table, all_logits=True)])
     assert ids.dtype == torch.int64 and ids.shape == (3,)
+    # The engine verifies greedy drafts through it (mock zeros: token 0, nothing accepted).
+    assert isinstance(runner, VerifiesGreedyOnDevice)
+    assert runner.run_greedy_verify([StepInput([1, 2, 3], 40, table, all_logits=True)], [[2, 3]]) == [(0, 0)]

@@ -14,7 +14,7 @@ from ttedge.collab.strategies import CollabConfig, CollabCounters, Route, Strate
 from ttedge.engine.sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
 from ttedge.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from ttedge.engine.sequence import FinishReason, Sequence, SequenceStatus, TextStream
-from ttedge.runtime.base import GreedyOnDevice, ModelRunner, StepInput
+from ttedge.runtime.base import GreedyOnDevice, ModelRunner, StepInput, VerifiesGreedyOnDevice
 from ttedge.runtime.kv_cache import BLOCK_SIZE, OutOfBlocks
 
 
@@ -169,8 +169,20 @@ class Engine:
             for c, d in zip(big, drafts, strict=True)
         ]
         runner = self.runner
-        if inputs and not small and isinstance(runner, GreedyOnDevice) and self._exact_greedy(big):
-            return self._append_token_ids(big, runner.run_greedy(inputs), drafts)
+        if inputs and not small and self._exact_greedy(big):
+            if isinstance(runner, VerifiesGreedyOnDevice):
+                verdicts = runner.run_greedy_verify(inputs, [d.tokens for d in drafts])
+                emitted = [
+                    [*d.tokens[:accepted], token]
+                    for (accepted, token), d in zip(verdicts, drafts, strict=True)
+                ]
+                return self._append_emitted(big, emitted, drafts)
+            if isinstance(runner, GreedyOnDevice):
+                ids = runner.run_greedy(inputs)
+                emitted = [
+                    accept_greedy(rows.tolist(), d.tokens) for rows, d in zip(ids, drafts, strict=True)
+                ]
+                return self._append_emitted(big, emitted, drafts)
         logits = self.runner.run(inputs) if inputs else []
         sampling = []
         outputs: list[RequestOutput] = []
@@ -312,20 +324,20 @@ class Engine:
             for c in chunks
         )
 
-    def _append_token_ids(
-        self, chunks: list[ScheduledChunk], token_ids: list[torch.Tensor], drafts: list[Draft]
+    def _append_emitted(
+        self, chunks: list[ScheduledChunk], emitted: list[list[int]], drafts: list[Draft]
     ) -> list[RequestOutput]:
-        """``execute``'s tail when the runner returned each row's argmax instead of logits."""
+        """``execute``'s tail when the runner's device picked greedy tokens: each sequence's accepted
+        drafts and the big model's token after them (just that token without drafts)."""
         outputs = []
-        for chunk, ids, draft in zip(chunks, token_ids, drafts, strict=True):
+        for chunk, tokens, draft in zip(chunks, emitted, drafts, strict=True):
             if not chunk.completes_sequence:
                 chunk.seq.num_computed += chunk.num_tokens
             elif draft.tokens:
-                emitted = accept_greedy(ids.tolist(), draft.tokens)
-                outputs.append(self._accept(chunk, draft.tokens, emitted, [None] * len(emitted)))
+                outputs.append(self._accept(chunk, draft.tokens, tokens, [None] * len(tokens)))
             else:
                 chunk.seq.num_computed += chunk.num_tokens
-                outputs.append(self._append(chunk.seq, [int(ids[-1])], [None]))
+                outputs.append(self._append(chunk.seq, tokens, [None]))
         return outputs
 
     def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor, draft: list[int]) -> RequestOutput:

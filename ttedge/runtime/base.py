@@ -58,3 +58,17 @@ class GreedyOnDevice(Protocol):
     def run_greedy(self, inputs: list[StepInput]) -> list[torch.Tensor]:
         """As ``run``, but each returned row's argmax token id, int64 ``[n]``, instead of its logits."""
         ...
+
+
+@runtime_checkable
+class VerifiesGreedyOnDevice(Protocol):
+    """A runner that can also verify greedy drafts where the argmax ids are (on the card), so only an
+    accepted length and a token per sequence leave it; the engine prefers it to ``GreedyOnDevice``."""
+
+    def run_greedy_verify(self, inputs: list[StepInput], drafts: list[list[int]]) -> list[tuple[int, int]]:
+        """One forward over every input, then per input ``(accepted, token)``: how many of ``drafts[i]``
+        (the last ``len(drafts[i])`` of its token ids, with ``all_logits``) equal the model's argmax at the
+        positions before them, and the model's argmax token after the accepted ones; for an input without
+        drafts, ``(0, the argmax at its last token)``. What ``speculative.accept_greedy`` decides from
+        ``run_greedy``'s ids."""
+        ...

@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from ttedge.config import ModelConfig
 from ttedge.model_zoo import PrecisionPreset
-from ttedge.models.llama.tt.greedy import token_ids_to_host
+from ttedge.models.llama.tt.greedy import DeviceTokenIds, token_ids_to_host, verify_greedy
 from ttedge.models.llama.tt.model import Transformer, logits_to_host
 from ttedge.models.llama.tt.model_config import TILE
 from ttedge.models.llama.tt.traced_decode import TracedDecode
+from ttedge.models.llama.tt.ttlang import AcceptedLengths
 from ttedge.models.llama.tt.weight_cache import (
     SINGLE_CHIP,
     WeightCache,
@@ -118,6 +119,7 @@ class TtDeviceRunner:
         if traced_decode is None:
             traced_decode = not os.environ.get(MOCK_CLUSTER_VARIABLE)
         self.traced_decode = TracedDecode(self.model) if traced_decode else None
+        self.accepted_lengths = AcceptedLengths(mesh, self.model.kernels.speculative_acceptance)
 
     def forward(self, inputs: Sequence[StepInput]) -> list[np.ndarray]:
         """Logits per input, float32 ``[n, vocab_size]``: ``n = len(token_ids)`` with ``all_logits``,
@@ -129,7 +131,27 @@ class TtDeviceRunner:
         ids are read back."""
         return self._run(inputs, greedy=True)
 
-    def _run(self, inputs: Sequence[StepInput], greedy: bool) -> list[np.ndarray]:
+    def verify_greedy(
+        self, inputs: Sequence[StepInput], drafts: Sequence[Sequence[int]]
+    ) -> list[tuple[int, int]]:
+        """Greedy verification on the device: per input, ``(accepted, token)``, how many of its ``drafts``
+        (the last ``len(drafts)`` of its token ids, with ``all_logits``) the model's argmax accepts and the
+        model's token after them; ``(0, argmax of the last token)`` for an input without drafts. Only those
+        two numbers per input are read back (``greedy.verify_greedy``)."""
+        for index, (step, draft) in enumerate(zip(inputs, drafts, strict=True)):
+            if draft and (not step.all_logits or list(step.token_ids[-len(draft) :]) != list(draft)):
+                raise ValueError(f"input {index}: its drafts must end its token ids, with all_logits")
+        if not inputs:
+            return []
+        kept = DeviceTokenIds()
+        rows = self._run(inputs, greedy=True, kept=kept)
+        return verify_greedy(kept, rows, drafts, self.accepted_lengths)
+
+    def _run(
+        self, inputs: Sequence[StepInput], greedy: bool, kept: DeviceTokenIds | None = None
+    ) -> list[np.ndarray]:
+        """``kept``: greedy ids stay on the device there, and each input's result is where its rows are
+        among them (``DeviceTokenIds.keep``) instead of the ids."""
         for index, step in enumerate(inputs):
             if step.start + len(step.token_ids) > self.max_model_len:
                 raise ValueError(
@@ -139,12 +161,14 @@ class TtDeviceRunner:
         outputs = OutputRows(inputs)
         for work in plan_steps(inputs):
             if isinstance(work, DecodeStep):
-                self._decode(work, outputs, greedy)
+                self._decode(work, outputs, greedy, kept)
             else:
-                self._prefill(work, outputs, greedy)
+                self._prefill(work, outputs, greedy, kept)
         return outputs.results()
 
-    def _decode(self, step: DecodeStep, outputs: OutputRows, greedy: bool) -> None:
+    def _decode(
+        self, step: DecodeStep, outputs: OutputRows, greedy: bool, kept: DeviceTokenIds | None
+    ) -> None:
         batch = self.pages.decode_batch(step.tokens)
         if len(batch.cache_updates) == 1:
             decode = self.traced_decode or self.model.decode
@@ -155,12 +179,14 @@ class TtDeviceRunner:
             )
         if not any(token.keep_logits for token in step.tokens):
             return  # tokens on the way to a block boundary before a prefill: nothing reads their logits
-        rows = self._to_host(out, slice(0, len(step.tokens)), greedy)
+        rows = self._output_rows(out, slice(0, len(step.tokens)), greedy, kept)
         for slot, token in enumerate(step.tokens):
             if token.keep_logits:
                 outputs.add(token.input_index, rows[slot : slot + 1])
 
-    def _prefill(self, chunk: PrefillChunk, outputs: OutputRows, greedy: bool) -> None:
+    def _prefill(
+        self, chunk: PrefillChunk, outputs: OutputRows, greedy: bool, kept: DeviceTokenIds | None
+    ) -> None:
         n = len(chunk.tokens)
         out = self.model.prefill(
             np.asarray(chunk.tokens, np.uint32),
@@ -173,9 +199,13 @@ class TtDeviceRunner:
             return
         # Without all_rows the device returned the last token's tile row only.
         rows = slice(0, n) if chunk.all_rows else slice((n - 1) % TILE, (n - 1) % TILE + 1)
-        outputs.add(chunk.input_index, self._to_host(out, rows, greedy))
+        outputs.add(chunk.input_index, self._output_rows(out, rows, greedy, kept))
 
-    def _to_host(self, out: ttnn.Tensor, rows: slice, greedy: bool) -> np.ndarray:
+    def _output_rows(
+        self, out: ttnn.Tensor, rows: slice, greedy: bool, kept: DeviceTokenIds | None
+    ) -> np.ndarray:
+        if kept is not None:
+            return kept.keep(out, rows)
         return token_ids_to_host(out, rows) if greedy else logits_to_host(out, rows, self.config.vocab_size)
 
 
@@ -289,3 +319,7 @@ class TtModelRunner:
         import torch
 
         return [torch.from_numpy(ids) for ids in self.device.greedy_tokens(inputs)]
+
+    def run_greedy_verify(self, inputs: list[StepInput], drafts: list[list[int]]) -> list[tuple[int, int]]:
+        """Greedy verification on the device (``TtDeviceRunner.verify_greedy``)."""
+        return self.device.verify_greedy(inputs, drafts)

@@ -31,6 +31,7 @@ from ttedge.models.llama.tt.model_config import (
     DeviceSpec,
 )
 from ttedge.models.llama.tt.rope import RotaryInputs, RotarySetup
+from ttedge.models.llama.tt.ttlang import Rotary
 from ttedge.models.llama.tt.weights import LayerTensors, device_tensor, host_tensor
 
 
@@ -81,7 +82,9 @@ class Attention:
         layer: LayerTensors,
         kv_dtype: ttnn.DataType,
         num_blocks: int,
+        rotary_kernel: bool = False,
     ):
+        """``rotary_kernel``: decode rotates Q and K with the TT-Lang kernel (``ttlang.Rotary``)."""
         self.spec = spec
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         # The kernels take a float32 scale. ttnn 0.81.1's chunked prefill SDPA refuses a Python float that
@@ -95,6 +98,7 @@ class Attention:
         self.v_cache = device_tensor(mesh, cache, kv_dtype, WEIGHTS_MEMORY)
         # Concat-heads reads one user's [padded heads, head_dim] block per core.
         self.heads_memory = spec.height_sharded((TILE, config.head_dim))
+        self.rotary = Rotary(mesh, config.head_dim, rotary_kernel)
 
     def __call__(self, x: ttnn.Tensor, step: DecodeInputs) -> ttnn.Tensor:
         qkv = ttnn.sharded_to_interleaved(self.wqkv(x), ACTIVATIONS_MEMORY)
@@ -104,9 +108,7 @@ class Attention:
             num_kv_heads=self.num_kv_heads,
             memory_config=ttnn.L1_HEIGHT_SHARDED_MEMORY_CONFIG,
         )
-        rot = step.rotary
-        q = ttnn.experimental.rotary_embedding_llama(q, rot.cos, rot.sin, rot.trans_mat, is_decode_mode=True)
-        k = ttnn.experimental.rotary_embedding_llama(k, rot.cos, rot.sin, rot.trans_mat, is_decode_mode=True)
+        q, k = self.rotary(q, k, step.rotary)
         for update in step.cache_updates:
             for cache, new in ((self.k_cache, k), (self.v_cache, v)):
                 ttnn.experimental.paged_update_cache(

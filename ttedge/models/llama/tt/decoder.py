@@ -25,7 +25,7 @@ class DecoderLayer:
         kernels: KernelChoice = TTNN_ONLY,
     ):
         self.attn_norm = RMSNorm(mesh, layer.attn_norm, config.rms_norm_eps)
-        self.attention = Attention(mesh, spec, config, layer, kv_dtype, num_blocks)
+        self.attention = Attention(mesh, spec, config, layer, kv_dtype, num_blocks, kernels.rotary)
         # The residual add after attention and the MLP's norm: one TT-Lang kernel in decode when chosen.
         self.mlp_norm = ResidualNorm(mesh, layer.mlp_norm, config.rms_norm_eps, kernels.residual_rmsnorm)
         self.mlp = MLP(mesh, spec, layer, kernels.swiglu)

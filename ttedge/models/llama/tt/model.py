@@ -25,7 +25,8 @@ from ttedge.models.llama.tt.model_config import (
     DeviceSpec,
 )
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
-from ttedge.models.llama.tt.rope import RotaryInputs, RotarySetup, inverse_frequencies
+from ttedge.models.llama.tt.rope import RotaryInputs, RotarySetup
+from ttedge.models.llama.tt.rope_tables import inverse_frequencies
 from ttedge.models.llama.tt.ttlang import choose_kernels
 from ttedge.models.llama.tt.weight_cache import WeightCache
 from ttedge.models.llama.tt.weights import WeightDtypes, convert_model, host_tensor, pad_to_tile

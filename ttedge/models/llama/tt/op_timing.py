@@ -24,7 +24,8 @@ from ttedge.models.llama.tt.attention import DecodeInputs
 from ttedge.models.llama.tt.decoder import DecoderLayer
 from ttedge.models.llama.tt.linear import DramShardedLinear
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, BATCH, BLOCK_TOKENS, DeviceSpec
-from ttedge.models.llama.tt.rope import RotarySetup, inverse_frequencies
+from ttedge.models.llama.tt.rope import RotarySetup
+from ttedge.models.llama.tt.rope_tables import inverse_frequencies
 from ttedge.models.llama.tt.ttlang import choose_kernels
 from ttedge.models.llama.tt.weights import WeightDtypes, convert_layer, host_tensor
 from ttedge.perf.hardware import BLACKHOLE_P150, WORMHOLE_N150, HardwareSpec

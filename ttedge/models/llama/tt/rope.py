@@ -1,15 +1,9 @@
-"""Rotary embedding set-up for ``rotary_embedding_llama`` in decode and prefill mode.
-
-The kernel computes ``x * cos + (x @ T) * sin`` tile by tile, where ``T`` is a 32 x 32 matrix with
-``T[2i, 2i+1] = 1`` and ``T[2i+1, 2i] = -1``: each adjacent pair ``(a, b)`` becomes ``(-b, a)``. So cos and
-sin are given per pair, repeated for both members (Meta's interleaved layout), and Q/K weights are
-permuted to match (``weights.hf_to_meta_rows``). Tables are computed in float64 on the host, with the
-same rope scaling as the torch reference.
+"""Rotary embedding set-up for ``rotary_embedding_llama`` in decode and prefill mode: the tables and the
+transformation matrix of ``rope_tables.py`` (Meta's interleaved pair order) on the device.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,44 +11,8 @@ import ttnn
 
 from ttedge.config import ModelConfig
 from ttedge.models.llama.tt.model_config import BATCH, PREFILL_MEMORY, TILE, DeviceSpec
+from ttedge.models.llama.tt.rope_tables import interleaved_cos_sin, transformation_matrix
 from ttedge.models.llama.tt.weights import host_tensor
-
-
-def inverse_frequencies(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.ndarray:
-    """Per-pair rotation frequencies with rope scaling, as ``reference.rope_inverse_frequencies``."""
-    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
-    if freq_factors is not None:
-        return inv_freq / freq_factors
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq
-    if scaling.kind == "linear":
-        return inv_freq / scaling.factor
-    original = scaling.original_max_position_embeddings
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > original / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
-    smooth = (original / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    is_medium = (wavelen >= original / scaling.high_freq_factor) & (
-        wavelen <= original / scaling.low_freq_factor
-    )
-    return np.where(is_medium, smoothed, scaled)
-
-
-def interleaved_cos_sin(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin ``[len(positions), head_dim]`` with each pair's value repeated: ``c0 c0 c1 c1 ...``."""
-    angles = np.repeat(np.outer(positions.astype(np.float64), inv_freq), 2, axis=-1)
-    return np.cos(angles), np.sin(angles)
-
-
-def transformation_matrix() -> np.ndarray:
-    """The kernel's 32 x 32 pair-rotation matrix (tt_transformers' ``get_rot_transformation_mat``)."""
-    t = np.zeros((TILE, TILE), np.float32)
-    t[np.arange(0, TILE, 2), np.arange(1, TILE, 2)] = 1.0
-    t[np.arange(1, TILE, 2), np.arange(0, TILE, 2)] = -1.0
-    return t
 
 
 @dataclass(frozen=True)

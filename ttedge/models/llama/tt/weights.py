@@ -26,15 +26,8 @@ import ttnn
 from ttedge.config import ConfigError, ModelConfig
 from ttedge.model_zoo import PrecisionPreset
 from ttedge.models.llama.tt.model_config import TILE
+from ttedge.models.llama.tt.rope_tables import hf_to_meta_rows
 from ttedge.models.llama.tt.weight_cache import WeightCache
-
-
-def hf_to_meta_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Reorder the rows of a Q or K weight ``[num_heads * head_dim, in]`` from rotate-half to interleaved
-    pairs: Meta row ``2i + half`` of a head is Hugging Face row ``half * head_dim / 2 + i``."""
-    rows, cols = w.shape
-    head_dim = rows // num_heads
-    return w.reshape(num_heads, 2, head_dim // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
 def pad_to_tile(n: int) -> int:
