@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import ttnn
 
+from ttedge.models.llama.tt.tensor_parallel import first_chip
+
 
 def greedy_token_ids(logits: ttnn.Tensor, vocab_size: int) -> ttnn.Tensor:
     """Argmax over the real vocabulary of device logits ``[1, 1, rows, padded vocab]``: uint32
@@ -21,5 +23,6 @@ def greedy_token_ids(logits: ttnn.Tensor, vocab_size: int) -> ttnn.Tensor:
 
 
 def token_ids_to_host(ids: ttnn.Tensor, rows: slice) -> np.ndarray:
-    """``rows`` of device token ids ``[1, 1, rows]`` as int64 ``[len(rows)]``."""
-    return ids.cpu().to_numpy().reshape(-1)[rows].astype(np.int64)
+    """``rows`` of device token ids ``[1, 1, rows]`` as int64 ``[len(rows)]`` (on a mesh, chip 0's: every
+    chip picks the same ids from the same gathered logits)."""
+    return first_chip(ids).cpu().to_numpy().reshape(-1)[rows].astype(np.int64)
