@@ -27,7 +27,7 @@ from ttedge.models.llama.linear import WeightFormat
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import ModelRunner
 from ttedge.runtime.cpu import CpuModelRunner
-from ttedge.runtime.tt_host import check_tt_device, choose_preset
+from ttedge.runtime.tt_host import DEFAULT_MESH, check_tt_device, choose_preset, mesh_plan, resolve_mesh
 from ttedge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,22 +64,20 @@ def build_runner(
     kv_cache_bytes = settings.kv_cache_mb * 2**20
     if settings.device == "tt":
         # Imported here: the TT backend imports ttnn, which CPU-only installs do not have.
-        from ttedge.runtime.tt import TtModelRunner, open_tt_device
+        from ttedge.runtime.tt import TtModelRunner, close_tt_device, open_tt_device
 
         preset = choose_preset(card)
-        mesh = open_tt_device()
+        topology = resolve_mesh(settings.mesh)
+        mesh_plan(topology, checkpoint.config)  # a split that does not divide: refused before opening
+        mesh = open_tt_device(topology)
         atexit.register(close_tt_device, mesh)
-        return TtModelRunner.from_checkpoint(mesh, checkpoint, preset, kv_cache_bytes, settings.max_model_len)
+        return TtModelRunner.from_checkpoint(
+            mesh, checkpoint, preset, kv_cache_bytes, settings.max_model_len, ring=topology.is_ring
+        )
     model = LlamaModel.from_checkpoint(
         checkpoint, settings.weight_format, batch_invariant=settings.batch_invariant
     )
     return CpuModelRunner(model, kv_cache_bytes, settings.max_model_len)
-
-
-def close_tt_device(mesh: object) -> None:
-    import ttnn
-
-    ttnn.close_device(mesh)
 
 
 @dataclass(frozen=True)
@@ -141,6 +139,9 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     started = time.perf_counter()
     if settings.device == "tt":
         check_tt_device()  # in a moment, before reading a checkpoint
+        resolve_mesh(settings.mesh)
+    elif settings.mesh != DEFAULT_MESH:
+        raise ConfigError("--mesh", "splits a model over Tenstorrent chips: it needs --device tt")
     collab = collab_plan(settings)  # likewise: a bad setting fails before the model loads
     if settings.batch_invariant and not WeightFormat(settings.weight_format).row_independent:
         message = f"--batch-invariant needs --weights int4 or int8, not {settings.weight_format}"
