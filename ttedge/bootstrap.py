@@ -68,7 +68,6 @@ def build_runner(
 
         preset = choose_preset(card)
         topology = resolve_mesh(settings.mesh)
-        mesh_plan(topology, checkpoint.config)  # a split that does not divide: refused before opening
         mesh = open_tt_device(topology)
         atexit.register(close_tt_device, mesh)
         return TtModelRunner.from_checkpoint(
@@ -149,6 +148,8 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     path: Path = resolve_model(settings.model)
     checkpoint = load_checkpoint(path)
+    if settings.device == "tt":  # a split that does not divide: refused before the device opens
+        mesh_plan(resolve_mesh(settings.mesh), checkpoint.config)
     card = check_card(checkpoint)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
     runner = build_runner(settings, checkpoint, card)
