@@ -192,8 +192,6 @@ def shard_layer(config: ModelConfig, layer: HostLayer, plan: TensorParallelPlan)
     """``layer`` (prepared for ``plan.devices`` chips) split as ``plan`` says: QKV, w1 and w3 over their
     output columns, WO and w2 over their input rows, the norms whole."""
     devices = plan.devices
-    if devices == 1:
-        return {name: [array] for name, array in vars(layer).items()}
     return {
         "attn_norm": [layer.attn_norm],
         "wqkv": _qkv_columns(config, layer.wqkv, plan),
@@ -283,7 +281,7 @@ class ModelTensors:
     lm_head: ttnn.Tensor
 
 
-# Fields every chip holds whole; the others are split, one slice per chip (``shard_layer``, ``shard_outer``).
+# The fields ``shard_layer`` and ``shard_outer`` give every chip whole; the others, one slice per chip.
 REPLICATED_FIELDS = frozenset({"attn_norm", "mlp_norm", "embed", "norm"})
 
 
