@@ -11,6 +11,7 @@ zeros. Whether the split computes the single-chip answer is tests/tt/test_numeri
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from ttedge.cli import main
 from ttedge.config import ModelConfig
 from ttedge.ethernet_mesh.collectives import Collective
 from ttedge.ethernet_mesh.sharding import ShardingError, TensorParallelPlan, plan_tensor_parallel
-from ttedge.ethernet_mesh.topology import get_mesh
+from ttedge.ethernet_mesh.topology import Mesh, get_mesh
 from ttedge.model_zoo import find_card
 from ttedge.models.llama.tt.attention import DecodeInputs, PrefillInputs
 from ttedge.models.llama.tt.decoder import DecoderLayer
@@ -301,6 +302,45 @@ def test_cli_refuses_a_mesh_before_opening_a_device_or_converting(
     assert main([command, *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+def test_cli_converts_then_generates_on_the_n300(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """``ttedge convert --mesh n300`` fills the cache's 1x2 directory with each chip's slices; ``ttedge
+    generate --device tt --mesh n300`` then opens the 1x2 mesh from the topology, loads every weight from
+    the cache and generates (the mock's logits are zeros: the tokens say nothing, their count does)."""
+    pytest.importorskip("torch", reason="ttedge.checkpoint needs torch: setup_tt.sh --with-torch")
+    from tests.fixtures.tiny_checkpoints import random_state_dict, tiny_config, write_hf_checkpoint
+
+    monkeypatch.setenv("TT_METAL_MOCK_CLUSTER_DESC_PATH", str(MOCK_DIR / "n300.yaml"))
+    monkeypatch.setenv("TTEDGE_TT_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
+    model = str(write_hf_checkpoint(tmp_path / "tiny", config, random_state_dict(config)))
+    opened: list[ttnn.MeshDevice] = []
+
+    def open_and_record(topology: Mesh) -> ttnn.MeshDevice:
+        opened.append(open_tt_device(topology))
+        return opened[-1]
+
+    monkeypatch.setattr("ttedge.runtime.tt.open_tt_device", open_and_record)
+    # Per layer 2 norms and 5 split weights on 2 chips; the embedding, final norm and 2 LM head slices.
+    tensors = (2 + 5 * 2) * config.num_layers + 2 + 2
+    assert main(["convert", "--model", model, "--mesh", "n300"]) == 0
+    assert f"for n300: {tensors} tensors converted" in capsys.readouterr().out
+    [directory] = (tmp_path / "cache").glob("*/mesh1x2")
+    assert len(list(directory.glob("layers.0.wqkv.device*.tensorbin"))) == 2
+
+    command = ["generate", "--device", "tt", "--mesh", "n300", "--model", model, "--prompt", "hi"]
+    caplog.set_level(logging.INFO, logger="ttedge.runtime.tt")
+    assert main([*command, "--max-tokens", "3"]) == 0
+    assert f"TT weights: 0 converted, {tensors} from {directory}" in caplog.text
+    assert "3 tokens at" in capsys.readouterr().err
+    [mesh] = opened
+    assert mesh.get_num_devices() == 2
 
 
 def test_kv_heads_repeat_on_the_chips_whose_query_heads_share_them() -> None:
