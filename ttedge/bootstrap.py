@@ -23,10 +23,12 @@ from ttedge.collab.strategies import CollabConfig, Strategy
 from ttedge.config import ConfigError, EngineSettings
 from ttedge.engine.engine import Engine
 from ttedge.engine.scheduler import SchedulerConfig
+from ttedge.ethernet_mesh.sharding import ShardingError
 from ttedge.models.llama.linear import WeightFormat
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import ModelRunner
 from ttedge.runtime.cpu import CpuModelRunner
+from ttedge.runtime.tensor_parallel import Rendezvous, TensorParallelRunner, load_shard, run_worker
 from ttedge.runtime.tt_host import DEFAULT_MESH, check_tt_device, choose_preset, mesh_plan, resolve_mesh
 from ttedge.tokenizer import Tokenizer
 
@@ -59,9 +61,17 @@ def check_card(checkpoint: Checkpoint) -> model_zoo.ModelCard | None:
 
 
 def build_runner(
-    settings: EngineSettings, checkpoint: Checkpoint, card: model_zoo.ModelCard | None
+    settings: EngineSettings,
+    checkpoint: Checkpoint,
+    card: model_zoo.ModelCard | None,
+    rendezvous: Rendezvous | None = None,
 ) -> ModelRunner:
     kv_cache_bytes = settings.kv_cache_mb * 2**20
+    if rendezvous is not None:
+        runner = TensorParallelRunner(shard_runner(settings, checkpoint, rendezvous), checkpoint.config)
+        # Also when rank 0 fails after loading: the other ranks then leave their loop instead of waiting.
+        atexit.register(runner.close)
+        return runner
     if settings.device == "tt":
         # Imported here: the TT backend imports ttnn, which CPU-only installs do not have.
         from ttedge.runtime.tt import TtModelRunner, close_tt_device, open_tt_device
@@ -77,6 +87,29 @@ def build_runner(
         checkpoint, settings.weight_format, batch_invariant=settings.batch_invariant
     )
     return CpuModelRunner(model, kv_cache_bytes, settings.max_model_len)
+
+
+def shard_runner(settings: EngineSettings, checkpoint: Checkpoint, rendezvous: Rendezvous) -> CpuModelRunner:
+    """This rank's runner in a CPU tensor-parallel group (runtime/tensor_parallel.py). Every rank gets
+    the same ``settings``, so every rank's KV cache has the same number of blocks."""
+    if settings.device != "cpu":
+        raise ConfigError(
+            "tensor parallelism",
+            "the chips of a TT mesh run in one process: use --mesh (ttedge launch --mesh passes it on); "
+            "processes in a group are for --device cpu",
+        )
+    try:
+        model = load_shard(checkpoint, rendezvous, settings.weight_format, settings.batch_invariant)
+    except ShardingError as err:
+        raise ConfigError("tensor parallelism", str(err)) from None
+    return CpuModelRunner(model, settings.kv_cache_mb * 2**20, settings.max_model_len)
+
+
+def run_shard(settings: EngineSettings, rendezvous: Rendezvous) -> None:
+    """A rank other than 0: load its shard, then run the steps rank 0 sends until it stops."""
+    torch.set_num_threads(settings.threads or rendezvous.threads())
+    checkpoint = load_checkpoint(resolve_model(settings.model))
+    run_worker(shard_runner(settings, checkpoint, rendezvous))
 
 
 @dataclass(frozen=True)
@@ -134,7 +167,9 @@ def build_collab(
     return dataclasses.replace(plan.config, drafter=drafter, default_strategy=plan.strategy)
 
 
-def load_engine(settings: EngineSettings) -> LoadedEngine:
+def load_engine(settings: EngineSettings, rendezvous: Rendezvous | None = None) -> LoadedEngine:
+    """``rendezvous``: this process is rank 0 of a CPU tensor-parallel group (``run_shard`` runs the
+    others)."""
     started = time.perf_counter()
     if settings.device == "tt":
         check_tt_device()  # in a moment, before reading a checkpoint
@@ -145,14 +180,15 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     if settings.batch_invariant and not WeightFormat(settings.weight_format).row_independent:
         message = f"--batch-invariant needs --weights int4 or int8, not {settings.weight_format}"
         raise ConfigError("batch-invariant mode", message)
-    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+    default_threads = rendezvous.threads() if rendezvous else os.cpu_count() or 1
+    torch.set_num_threads(settings.threads or default_threads)
     path: Path = resolve_model(settings.model)
     checkpoint = load_checkpoint(path)
     if settings.device == "tt":  # a split that does not divide: refused before the device opens
         mesh_plan(resolve_mesh(settings.mesh), checkpoint.config)
     card = check_card(checkpoint)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
-    runner = build_runner(settings, checkpoint, card)
+    runner = build_runner(settings, checkpoint, card, rendezvous)
     collab_config = None if collab is None else build_collab(collab, settings, checkpoint, runner)
     engine = Engine(
         runner,

@@ -145,7 +145,8 @@ def runs_on(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ttedge.bootstrap import load_engine
+    from ttedge.bootstrap import load_engine, run_shard
+    from ttedge.runtime.tensor_parallel import Rendezvous
 
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -155,7 +156,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    loaded = load_engine(engine_settings(args, max_num_seqs=1))
+    rendezvous = Rendezvous.from_environ()
+    if rendezvous is not None and not rendezvous.is_driver:
+        run_shard(engine_settings(args), rendezvous)
+        return 0
+    loaded = load_engine(engine_settings(args, max_num_seqs=1), rendezvous)
     tokenizer = loaded.tokenizer
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
@@ -189,10 +194,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ttedge.bootstrap import load_engine
+    from ttedge.bootstrap import load_engine, run_shard
+    from ttedge.runtime.tensor_parallel import Rendezvous
     from ttedge.server.serve import build_server, run
 
-    loaded = load_engine(engine_settings(args, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue))
+    rendezvous = Rendezvous.from_environ()
+    if rendezvous is not None and not rendezvous.is_driver:
+        run_shard(engine_settings(args), rendezvous)
+        return 0
+    loaded = load_engine(
+        engine_settings(args, max_num_seqs=args.max_num_seqs, max_queue_len=args.max_queue), rendezvous
+    )
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -248,6 +260,57 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"{cache.loaded} already cached, in {time.perf_counter() - started:.1f} s; cache: {cache.directory}"
     )
     return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Run serve or generate tensor-parallel: CPU ranks as processes, a TT mesh in one process, or a
+    multi-host TT mesh through tt-run (ttedge.launcher)."""
+    from ttedge.ethernet_mesh.topology import MeshError, get_mesh
+    from ttedge.launcher import (
+        CpuGroup,
+        LaunchError,
+        check_command,
+        exec_tt_run,
+        run_cpu_group,
+        tt_run_command,
+    )
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        check_command(command)
+        mesh = get_mesh(args.mesh) if args.mesh else None
+        tp = args.tp or (mesh.num_chips if mesh else None)
+        if tp is None:
+            raise LaunchError("give --tp N, or --mesh to take N from the mesh")
+        if mesh is not None and mesh.num_chips != tp:
+            raise LaunchError(f"--tp {tp} does not match mesh {mesh.name}, which has {mesh.num_chips} chips")
+        on_tt = _device_of(command) == "tt"
+        if args.hosts:
+            if args.mesh_graph is None:
+                raise LaunchError(
+                    "a multi-host TT launch needs --mesh-graph (tt-run's mesh graph descriptor)"
+                )
+            return exec_tt_run(
+                tt_run_command(command, args.mesh_graph, args.hosts.split(","), args.mesh, args.verbose)
+            )
+        if on_tt:
+            # One host: every chip of the mesh is driven from this one process.
+            return main(
+                [*(["-v"] if args.verbose else []), *command, *(["--mesh", args.mesh] if args.mesh else [])]
+            )
+        group = CpuGroup(tp, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    except (LaunchError, MeshError) as err:
+        raise ConfigError("launch", str(err)) from None
+    return run_cpu_group(group, command, args.verbose)
+
+
+def _device_of(command: list[str]) -> str:
+    for i, arg in enumerate(command):
+        if arg == "--device" and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return EngineSettings.device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +370,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="where converted weights go (default: $TTEDGE_TT_CACHE or ~/.cache/ttedge/tt-weights)",
     )
     convert.set_defaults(handler=cmd_convert)
+
+    launch = commands.add_parser(
+        "launch",
+        help="run serve or generate tensor-parallel: `ttedge launch --tp N [--mesh M] -- serve ...`",
+        description="CPU: starts N rank processes here (rank 0 serves; a failed rank stops the group). TT: "
+        "one process drives the mesh; several hosts go through Tenstorrent's tt-run. docs/tensor-parallel.md",
+    )
+    launch.add_argument("--tp", type=int, help="tensor-parallel degree (default: the mesh's chip count)")
+    launch.add_argument(
+        "--mesh",
+        help="n150, n300, t3k, t3k-2x4, galaxy, p150x4, p150x8, or a mesh YAML file (docs/ethernet-mesh.md)",
+    )
+    launch.add_argument("--nnodes", type=int, default=1, help="CPU: machines in the group (default: 1)")
+    launch.add_argument("--node-rank", type=int, default=0, help="CPU: this machine's index (default: 0)")
+    launch.add_argument(
+        "--master-addr", default="127.0.0.1", help="CPU: rank 0's machine (default: %(default)s)"
+    )
+    launch.add_argument("--master-port", type=int, help="CPU: rank 0's rendezvous port (default: a free one)")
+    launch.add_argument("--hosts", help="TT over several hosts: comma-separated host names, for tt-run")
+    launch.add_argument(
+        "--mesh-graph", help="TT over several hosts: tt-run's mesh graph descriptor (.textproto)"
+    )
+    launch.add_argument("command", nargs=argparse.REMAINDER, help="-- serve|generate and their options")
+    launch.set_defaults(handler=cmd_launch)
 
     models = commands.add_parser("models", help="list the models ttedge can find")
     models.set_defaults(handler=cmd_models)

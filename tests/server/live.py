@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import selectors
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -80,3 +84,26 @@ def assert_error(body: dict, code: str, param: str | None = None) -> str:
         assert error["param"] == param, error
     assert isinstance(error["message"], str) and error["message"], error
     return error["message"]
+
+
+def start_server_process(ttedge_args: list[str], timeout: float = 120) -> tuple[subprocess.Popen[str], str]:
+    """``ttedge ARGS`` (a serve, or a launch of one) in a child process; returns it and its API URL once
+    it prints that it is serving."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ttedge.cli", *ttedge_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and selector.select(timeout=deadline - time.monotonic()):
+        line = process.stdout.readline()
+        if not line:
+            break
+        if match := re.search(r"at (http://\S+/v1)$", line.strip()):
+            return process, match.group(1)
+    process.kill()
+    raise AssertionError(f"the server did not come up: {process.communicate()}")

@@ -5,55 +5,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import selectors
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.server.live import assert_error
+from tests.server.live import assert_error, start_server_process
 
 # Long enough (seconds on the tiny model) that the request is surely still streaming after SIGTERM.
 MAX_TOKENS = 1000
 
 
 def _start(checkpoint: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ttedge.cli",
-            "serve",
-            "--model",
-            str(checkpoint),
-            "--weights",
-            "float32",
-            "--port",
-            "0",
-            "--drain-timeout",
-            "60",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return start_server_process(
+        ["serve", "--model", str(checkpoint), "--weights", "float32", "--port", "0", "--drain-timeout", "60"]
     )
-    assert process.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and selector.select(timeout=deadline - time.monotonic()):
-        line = process.stdout.readline()
-        if not line:
-            break
-        if match := re.search(r"at (http://\S+/v1)$", line.strip()):
-            return process, match.group(1)
-    process.kill()
-    raise AssertionError(f"the server did not come up: {process.communicate()}")
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_chat: Path):

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+class ShardGroup(Protocol):
+    """The collectives a tensor-parallel shard of the model needs (``ethernet_mesh.sharding``): its row-
+    parallel projections (WO, w2) give partial sums of the residual-stream update, and its LM head the
+    logits of its slice of the vocabulary."""
+
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum of ``partial`` over every shard, in ``partial``'s dtype."""
+        ...
+
+    def gather_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every shard's ``logits`` [N, vocab / shards] side by side, in shard order: [N, vocab]."""
+        ...
+
+
 @dataclass
 class DecoderLayer:
     attn_norm: torch.Tensor
@@ -106,6 +121,7 @@ class LlamaModel:
         weight_format: WeightFormat,
         exit_adapter: Callable[[torch.Tensor], torch.Tensor] | None = None,
         batch_invariant: bool = False,
+        shard_group: ShardGroup | None = None,
     ):
         self.config = config
         self.weight_format = weight_format
@@ -122,6 +138,9 @@ class LlamaModel:
         # what else is in the batch; with a row-independent weight format the whole forward is then
         # batch-invariant (docs/speculative.md, "Exactness").
         self.batch_invariant = batch_invariant
+        # One tensor-parallel shard of a bigger model when set: ``config`` and the weights are this
+        # shard's (runtime/tensor_parallel.py), and the group completes the row-parallel sums.
+        self.shard_group = shard_group
         self.rope = RotaryEmbedding(inv_freq, config.max_position_embeddings, self.dtype)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
@@ -132,7 +151,9 @@ class LlamaModel:
         weight_format: WeightFormat | str = WeightFormat.float32,
         progress: Callable[[int, int], None] | None = None,
         batch_invariant: bool = False,
+        shard_group: ShardGroup | None = None,
     ) -> LlamaModel:
+        """``shard_group``: ``checkpoint`` holds one tensor-parallel shard's weights (see ``ShardGroup``)."""
         fmt = WeightFormat(weight_format)
         if batch_invariant and not fmt.row_independent:
             raise ValueError(
@@ -185,6 +206,7 @@ class LlamaModel:
             inv_freq=rope_inverse_frequencies(config, None if freq_factors is None else freq_factors.load()),
             weight_format=fmt,
             batch_invariant=batch_invariant,
+            shard_group=shard_group,
         )
 
     def layer_subset(
@@ -195,6 +217,11 @@ class LlamaModel:
         """A shallower model made of some of this model's layers, in order, sharing every weight with it
         (no memory beyond its own KV cache): the self-speculative draft. ``exit_adapter`` maps its last
         layer's output towards what this model's last layer would give."""
+        if self.shard_group is not None:
+            # The draft runs on one process, and a shard's layers would wait for collectives there.
+            raise ValueError(
+                "a tensor-parallel shard has no layer subset: load the draft from the checkpoint"
+            )
         if not layer_indices or list(layer_indices) != sorted(set(layer_indices)):
             raise ValueError(f"layer indices must be increasing and distinct, got {list(layer_indices)}")
         if layer_indices[0] < 0 or layer_indices[-1] >= len(self.layers):
@@ -215,7 +242,8 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, layout: BatchLayout, cache: CpuKVCache) -> torch.Tensor:
         """Run the new tokens ``input_ids`` [T] and return float32 logits [N, vocab] for
         ``layout.logits_indices``; writes their keys and values into ``cache``."""
-        return self.lm_head(self.final_hidden(input_ids, layout, cache)).float()
+        logits = self.lm_head(self.final_hidden(input_ids, layout, cache)).float()
+        return logits if self.shard_group is None else self.shard_group.gather_vocabulary(logits)
 
     @torch.inference_mode()
     def final_hidden(self, input_ids: torch.Tensor, layout: BatchLayout, cache: CpuKVCache) -> torch.Tensor:
@@ -240,15 +268,19 @@ class LlamaModel:
             v = qkv[:, rotated_width:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             cache.write(index, layout.slot_mapping, k, v)
             keys, values = cache.read(index, kv_rows, num_sequences, layout.context_len)
-            x += layer.o(self._attention(q, keys, values, layout))
+            x += self._complete(layer.o(self._attention(q, keys, values, layout)))
             gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)).split(
                 (cfg.intermediate_size, cfg.intermediate_size), dim=-1
             )
-            x += layer.down(F.silu(gate).mul_(up))
+            x += self._complete(layer.down(F.silu(gate).mul_(up)))
         x = x[layout.logits_indices]
         if self.exit_adapter is not None:
             x = self.exit_adapter(x)
         return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    def _complete(self, update: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection's output: the whole update alone, a partial sum in a shard."""
+        return update if self.shard_group is None else self.shard_group.all_reduce(update)
 
     def _attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: BatchLayout

@@ -1,0 +1,150 @@
+"""Tensor parallelism on CPU: ``ethernet_mesh``'s sharding plan realised over ``torch.distributed`` (gloo)
+processes, the CPU twin of the TT backend's mesh tensors and CCL ops.
+
+Every rank holds one shard of the weights (``shard_checkpoint``) and the KV cache of its own KV heads.
+Rank 0 runs everything else — server, scheduler, strategies, sampler — and its runner
+(``TensorParallelRunner``) broadcasts each step's inputs before running its own shard; the other ranks
+(``run_worker``) wait for those inputs and run theirs. Inside the forward, the row-parallel projections
+are completed by an all-reduce and the logits gathered over the vocabulary (``GlooShardGroup``), so every
+rank ends a step with the same logits and rank 0 samples from them.
+
+Ranks find each other through torch.distributed's environment rendezvous (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``): ``ttedge launch`` sets them, as does ``torchrun``, on one machine or
+several.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ttedge.checkpoint.base import Checkpoint
+from ttedge.config import ModelConfig
+from ttedge.ethernet_mesh.sharding import plan_tensor_parallel
+from ttedge.models.llama.linear import WeightFormat
+from ttedge.models.llama.reference import LlamaModel
+from ttedge.runtime.base import StepInput
+from ttedge.runtime.cpu import CpuModelRunner
+from ttedge.runtime.kv_cache import BlockAllocator
+from ttedge.runtime.shard_checkpoint import shard_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Ranks other than 0 wait in a broadcast for as long as the server is idle; a dead peer still ends the
+# wait at once (its sockets close), so the timeout only has to outlast idleness.
+_IDLE_TIMEOUT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this process sits in a tensor-parallel group, from torch.distributed's environment."""
+
+    rank: int
+    world_size: int
+    # Ranks on this machine, which share its cores.
+    local_world_size: int
+
+    @classmethod
+    def from_environ(cls) -> Rendezvous | None:
+        """The group this process was started in, or None outside one (or in a group of one)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return None
+        rank = int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        return cls(rank, world_size, local)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def threads(self) -> int:
+        """Intra-op threads per rank: this machine's cores shared out, at least one."""
+        return max(1, (os.cpu_count() or 1) // self.local_world_size)
+
+
+class GlooShardGroup:
+    """The model's ``ShardGroup`` over the default torch.distributed process group.
+
+    Partial sums are reduced in float32: each shard's bfloat16 partial is exact in float32, and the
+    stream then rounds once, as the single-process model does after its one matmul.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        total = partial.float()
+        dist.all_reduce(total)
+        return total
+
+    def gather_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(logits) for _ in range(self.world_size)]
+        dist.all_gather(parts, logits.contiguous())
+        return torch.cat(parts, dim=-1)
+
+
+def join_group(rendezvous: Rendezvous) -> GlooShardGroup:
+    """Join the group (blocks until every rank has); raises ValueError naming what is missing."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ValueError(f"rank {rendezvous.rank} of {rendezvous.world_size}: {', '.join(missing)} not set")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo", rank=rendezvous.rank, world_size=rendezvous.world_size, timeout=_IDLE_TIMEOUT
+        )
+    return GlooShardGroup(rendezvous.world_size)
+
+
+def load_shard(
+    checkpoint: Checkpoint,
+    rendezvous: Rendezvous,
+    weight_format: WeightFormat | str,
+    batch_invariant: bool = False,
+) -> LlamaModel:
+    """This rank's shard of the model, with its group joined. The plan is checked before the group is
+    joined, so that a split that does not divide fails on every rank at once with the same message."""
+    plan = plan_tensor_parallel(checkpoint.config, rendezvous.world_size)
+    group = join_group(rendezvous)
+    shard = shard_checkpoint(checkpoint, plan, rendezvous.rank)
+    return LlamaModel.from_checkpoint(
+        shard, weight_format, batch_invariant=batch_invariant, shard_group=group
+    )
+
+
+class TensorParallelRunner:
+    """Rank 0's ``ModelRunner``: each step's inputs go to every rank, then its own shard runs.
+
+    The block tables are rank 0's alone (its allocator); every rank's cache has as many blocks, holding
+    its own KV heads at the same slots.
+    """
+
+    def __init__(self, shard: CpuModelRunner, config: ModelConfig):
+        self.shard = shard
+        self.config = config  # the whole model's, which the engine sees
+        self.allocator: BlockAllocator = shard.allocator
+        self.max_model_len = shard.max_model_len
+        self.cheap_rows = shard.cheap_rows
+
+    def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        dist.broadcast_object_list([inputs], src=0)
+        return self.shard.run(inputs)
+
+    def close(self) -> None:
+        """Let the other ranks leave their loop; the group stays usable for nothing else."""
+        dist.broadcast_object_list([None], src=0)
+
+
+def run_worker(shard: CpuModelRunner) -> None:
+    """A rank other than 0: run each step rank 0 broadcasts until it sends None."""
+    while True:
+        message: list[list[StepInput] | None] = [None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is None:
+            return
+        shard.run(message[0])
