@@ -192,7 +192,7 @@ def test_small_model_split_over_the_mesh_prefills_and_decodes(
         call.bytes for call in plan.decode_collectives(BATCH) if call.collective == Collective.ALL_REDUCE
     }
     expected_topology = ttnn.Topology.Ring if name == "t3k" else ttnn.Topology.Linear
-    assert {topology for *_, topology in collectives} == {expected_topology}
+    assert {used for *_, used in collectives} == {expected_topology}
     greedy = model.decode(tokens, positions + 1, page_table, greedy=True)
     assert per_chip_shapes(greedy) == [(1, 1, BATCH)] * chips
 
