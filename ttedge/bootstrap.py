@@ -29,7 +29,7 @@ from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import ModelRunner
 from ttedge.runtime.cpu import CpuModelRunner
 from ttedge.runtime.tensor_parallel import Rendezvous, TensorParallelRunner, load_shard, run_worker
-from ttedge.runtime.tt_host import check_tt_device, choose_preset
+from ttedge.runtime.tt_host import DEFAULT_MESH, check_tt_device, choose_preset, mesh_plan, resolve_mesh
 from ttedge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,15 @@ def build_runner(
         return runner
     if settings.device == "tt":
         # Imported here: the TT backend imports ttnn, which CPU-only installs do not have.
-        from ttedge.runtime.tt import TtModelRunner, open_tt_device
+        from ttedge.runtime.tt import TtModelRunner, close_tt_device, open_tt_device
 
         preset = choose_preset(card)
-        mesh = open_tt_device()
+        topology = resolve_mesh(settings.mesh)
+        mesh = open_tt_device(topology)
         atexit.register(close_tt_device, mesh)
-        return TtModelRunner.from_checkpoint(mesh, checkpoint, preset, kv_cache_bytes, settings.max_model_len)
+        return TtModelRunner.from_checkpoint(
+            mesh, checkpoint, preset, kv_cache_bytes, settings.max_model_len, ring=topology.is_ring
+        )
     model = LlamaModel.from_checkpoint(
         checkpoint, settings.weight_format, batch_invariant=settings.batch_invariant
     )
@@ -107,12 +110,6 @@ def run_shard(settings: EngineSettings, rendezvous: Rendezvous) -> None:
     torch.set_num_threads(settings.threads or rendezvous.threads())
     checkpoint = load_checkpoint(resolve_model(settings.model))
     run_worker(shard_runner(settings, checkpoint, rendezvous))
-
-
-def close_tt_device(mesh: object) -> None:
-    import ttnn
-
-    ttnn.close_device(mesh)
 
 
 @dataclass(frozen=True)
@@ -176,6 +173,9 @@ def load_engine(settings: EngineSettings, rendezvous: Rendezvous | None = None) 
     started = time.perf_counter()
     if settings.device == "tt":
         check_tt_device()  # in a moment, before reading a checkpoint
+        resolve_mesh(settings.mesh)
+    elif settings.mesh != DEFAULT_MESH:
+        raise ConfigError("--mesh", "splits a model over Tenstorrent chips: it needs --device tt")
     collab = collab_plan(settings)  # likewise: a bad setting fails before the model loads
     if settings.batch_invariant and not WeightFormat(settings.weight_format).row_independent:
         message = f"--batch-invariant needs --weights int4 or int8, not {settings.weight_format}"
@@ -184,6 +184,8 @@ def load_engine(settings: EngineSettings, rendezvous: Rendezvous | None = None) 
     torch.set_num_threads(settings.threads or default_threads)
     path: Path = resolve_model(settings.model)
     checkpoint = load_checkpoint(path)
+    if settings.device == "tt":  # a split that does not divide: refused before the device opens
+        mesh_plan(resolve_mesh(settings.mesh), checkpoint.config)
     card = check_card(checkpoint)
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
     runner = build_runner(settings, checkpoint, card, rendezvous)

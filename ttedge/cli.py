@@ -46,6 +46,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=EngineSettings.weight_format,
         help="CPU weight format (default: %(default)s)",
     )
+    add_mesh_argument(parser)
     parser.add_argument("--kv-cache-mb", type=int, default=EngineSettings.kv_cache_mb)
     parser.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -105,10 +106,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mesh",
+        default=EngineSettings.mesh,
+        help="with --device tt: the chips the model is split over (tensor parallelism), a built-in mesh "
+        "(n150: one chip; n300: two; t3k: eight in a ring) or a mesh YAML file (docs/ethernet-mesh.md) "
+        "(default: %(default)s)",
+    )
+
+
 def engine_settings(args: argparse.Namespace, **overrides: object) -> EngineSettings:
     return EngineSettings(
         model=args.model,
         device=args.device,
+        mesh=args.mesh,
         weight_format=args.weights,
         kv_cache_mb=args.kv_cache_mb,
         max_model_len=args.max_model_len,
@@ -231,18 +243,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ttedge import model_zoo
     from ttedge.checkpoint import load_checkpoint
     from ttedge.checkpoint.discovery import resolve_model
-    from ttedge.runtime.tt_host import check_tt_device, choose_preset
+    from ttedge.runtime.tt_host import check_tt_device, choose_preset, resolve_mesh
 
     check_tt_device(command="ttedge convert")  # one line, before reading a checkpoint or importing ttnn
+    mesh = resolve_mesh(args.mesh)
     checkpoint = load_checkpoint(resolve_model(args.model))
     preset = choose_preset(model_zoo.match_card(checkpoint.config), args.preset)
     from ttedge.runtime.tt import convert_checkpoint  # imports ttnn, which logs to stderr: only now
 
     started = time.perf_counter()
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
-    cache = convert_checkpoint(checkpoint, preset, cache_dir)
+    cache = convert_checkpoint(checkpoint, preset, cache_dir, mesh)
     print(
-        f"ttedge: {checkpoint.path.name} at preset {preset.name}: {cache.converted} tensors converted, "
+        f"ttedge: {checkpoint.path.name} at preset {preset.name} for {mesh.name}: "
+        f"{cache.converted} tensors converted, "
         f"{cache.loaded} already cached, in {time.perf_counter() - started:.1f} s; cache: {cache.directory}"
     )
     return 0
@@ -350,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="precision preset of the model card, e.g. performance or accuracy (default: the card's "
         "recommended one; 'default', bfloat8_b throughout, for a checkpoint no card matches)",
     )
+    add_mesh_argument(convert)
     convert.add_argument(
         "--cache-dir",
         help="where converted weights go (default: $TTEDGE_TT_CACHE or ~/.cache/ttedge/tt-weights)",

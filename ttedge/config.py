@@ -233,6 +233,9 @@ class EngineSettings:
 
     model: str | None = None  # a path or a model-card name; None = the embedded default
     device: str = "cpu"  # one of DEVICES
+    # With device "tt": the chips the model is split over, an ethernet_mesh built-in (n150, n300, t3k) or a
+    # mesh YAML file; n150 is one chip.
+    mesh: str = "n150"
     # int4 for small batches, bfloat16 above: 1.9x int4's aggregate at 32 sequences (docs/benchmarks.md).
     weight_format: str = "auto"
     kv_cache_mb: int = 256  # host memory on cpu, device DRAM on tt

@@ -26,7 +26,9 @@ from ttedge.runtime.tt_host import (
     check_tt_device,
     choose_preset,
     kv_cache_blocks,
+    mesh_plan,
     plan_steps,
+    resolve_mesh,
 )
 
 
@@ -220,6 +222,35 @@ def test_kv_cache_blocks_follow_the_kv_dtype() -> None:
     assert kv_cache_blocks(config, "bfloat8_b", 8 * 1088 * 11) == 10
     with pytest.raises(ValueError, match="holds no block"):
         kv_cache_blocks(config, "bfloat16", 8 * 2048)
+    # Split over two chips, each holds one KV head: a block costs a chip half as much.
+    assert kv_cache_blocks(config, "bfloat16", 8 * 2048 * 11, kv_heads=1) == 21
+
+
+def test_mesh_is_a_built_in_or_a_file_with_one_row_of_chips(tmp_path: Path) -> None:
+    assert resolve_mesh("n150").shape == (1, 1)
+    assert resolve_mesh("n300").shape == (1, 2) and not resolve_mesh("n300").is_ring
+    assert resolve_mesh("t3k").shape == (1, 8) and resolve_mesh("t3k").is_ring
+    with pytest.raises(ConfigError, match=r"--mesh: t3k-2x4 is 2x4: the TT port splits a model over one row"):
+        resolve_mesh("t3k-2x4")
+    with pytest.raises(ConfigError, match=r"--mesh: n301: not a built-in mesh \(n150, n300, t3k"):
+        resolve_mesh("n301")
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read"):
+        resolve_mesh(str(tmp_path / "missing.yaml"))
+
+
+def test_mesh_plan_refuses_a_model_that_does_not_split() -> None:
+    smollm2 = find_card("smollm2-135m-instruct")
+    assert smollm2 is not None
+    assert mesh_plan(resolve_mesh("n150"), smollm2.config).devices == 1
+    message = "--mesh n300: smollm2-135m-instruct at TP=2: 9 query heads do not divide over 2 devices"
+    with pytest.raises(ConfigError, match=message):
+        mesh_plan(resolve_mesh("n300"), smollm2.config)
+
+
+def test_cli_mesh_needs_device_tt(capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any model is looked for."""
+    assert main(["generate", "--prompt", "hi", "--model", "/no/such/model", "--mesh", "n300"]) == 2
+    assert "--mesh: splits a model over Tenstorrent chips: it needs --device tt" in capsys.readouterr().err
 
 
 def test_tt_device_needs_ttnn(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ What is real, and what is modelled:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,10 @@ import torch.nn.functional as F
 import ttnn
 
 from ttedge.config import ModelConfig
+from ttedge.ethernet_mesh.sharding import TensorParallelPlan
 from ttedge.models.llama.tt.model_config import TILE
 from ttedge.models.llama.tt.rope_tables import interleaved_cos_sin, transformation_matrix
-from ttedge.models.llama.tt.weights import HostLayer, HostOuter, ModelTensors
+from ttedge.models.llama.tt.weights import HostLayer, HostOuter, ModelTensors, Shards
 
 
 def bf16(x: torch.Tensor) -> torch.Tensor:
@@ -66,16 +68,16 @@ class PortWeights:
     lm_head: torch.Tensor
 
     @classmethod
-    def converted(cls, tensors: ModelTensors) -> PortWeights:
-        """What the port puts in DRAM: ttnn's converted host tensors, read back."""
+    def converted(cls, tensors: ModelTensors, chip: int = 0) -> PortWeights:
+        """What the port puts in DRAM (of ``chip`` on a mesh): ttnn's converted host tensors, read back."""
         return cls(
             layers=[
-                {name: _flat_norms(name, _values(t)) for name, t in vars(layer).items()}
+                {name: _flat_norms(name, _values(t, chip)) for name, t in vars(layer).items()}
                 for layer in tensors.layers
             ],
-            embed=_values(tensors.embed),
-            norm=_values(tensors.norm).reshape(-1),
-            lm_head=_values(tensors.lm_head),
+            embed=_values(tensors.embed, chip),
+            norm=_values(tensors.norm, chip).reshape(-1),
+            lm_head=_values(tensors.lm_head, chip),
         )
 
     @classmethod
@@ -91,15 +93,27 @@ class PortWeights:
             lm_head=torch.from_numpy(outer.lm_head),
         )
 
+    @classmethod
+    def prepared_slices(cls, layers: list[Shards], outer: Shards, chip: int) -> PortWeights:
+        """``chip``'s slices of the host preparation (``weights.shard_layer``, ``shard_outer``), float32."""
+
+        def of_chip(shards: Shards) -> dict[str, np.ndarray]:
+            return {name: arrays[chip if len(arrays) > 1 else 0] for name, arrays in shards.items()}
+
+        return cls.prepared([HostLayer(**of_chip(layer)) for layer in layers], HostOuter(**of_chip(outer)))
+
 
 def _flat_norms(name: str, t: torch.Tensor) -> torch.Tensor:
     # Norm weights are stored as rows one tile wide (``ttnn.rms_norm``'s layout).
     return t.reshape(-1) if name.endswith("norm") else t
 
 
-def _values(tensor: ttnn.Tensor) -> torch.Tensor:
-    """A converted host tensor ``[1, 1, rows, cols]`` as float32 ``[rows, cols]``."""
-    return ttnn.to_torch(tensor).float().reshape(tensor.shape[-2], tensor.shape[-1])
+def _values(tensor: ttnn.Tensor, chip: int) -> torch.Tensor:
+    """A converted host tensor ``[1, 1, rows, cols]`` (``chip``'s slice of a split one) as float32
+    ``[rows, cols]``."""
+    slices = ttnn.get_device_tensors(tensor)
+    one = slices[chip] if len(slices) > 1 else tensor
+    return ttnn.to_torch(one).float().reshape(one.shape[-2], one.shape[-1])
 
 
 class PortEmulation:
@@ -147,8 +161,9 @@ class PortEmulation:
         turned = (x.reshape(*x.shape[:-1], -1, TILE) @ self.trans_mat).reshape(x.shape)
         return self.out(x * cos[:, None] + turned * sin[:, None])
 
-    def attention(self, layer: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
+    def attention(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``index``'s attention over ``x`` ``[n, hidden]``, ahead of the residual add."""
+        cfg, layer = self.config, self.weights.layers[index]
         n = x.shape[0]
         qkv = self.linear(x, layer["wqkv"])
         q = qkv[:, : cfg.q_size].view(n, cfg.num_heads, cfg.head_dim)
@@ -168,18 +183,62 @@ class PortEmulation:
         heads = self.out(probs @ v.repeat_interleave(group, 0))  # [heads, n, head_dim]
         return self.linear(heads.transpose(0, 1).reshape(n, cfg.q_size), layer["wo"])
 
-    def mlp(self, layer: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.weights.layers[index]
         gated = self.out(F.silu(self.linear(x, layer["w1"])) * self.linear(x, layer["w3"]))
         return self.linear(gated, layer["w2"])
 
-    def decoder(self, layer: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        h = self.out(x + self.attention(layer, self.rms_norm(x, layer["attn_norm"])))
-        return self.out(h + self.mlp(layer, self.rms_norm(h, layer["mlp_norm"])))
+    def decoder(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.weights.layers[index]
+        h = self.out(x + self.attention(index, self.rms_norm(x, layer["attn_norm"])))
+        return self.out(h + self.mlp(index, self.rms_norm(h, layer["mlp_norm"])))
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the padded vocabulary."""
+        return self.linear(x, self.weights.lm_head)
 
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """float32 ``[n, vocab]``: every position's logits, as the port's prefill with ``all_rows``."""
         weights = self.weights
         x = weights.embed[torch.tensor(tokens)]
-        for layer in weights.layers:
-            x = self.decoder(layer, x)
-        return self.linear(self.rms_norm(x, weights.norm), weights.lm_head)[:, : self.config.vocab_size]
+        for index in range(len(weights.layers)):
+            x = self.decoder(index, x)
+        return self.lm_head(self.rms_norm(x, weights.norm))[:, : self.config.vocab_size]
+
+
+class ShardedPortEmulation(PortEmulation):
+    """The port split over ``plan.devices`` chips (``chips``: each chip's weights, in chip order): every
+    chip's attention and MLP over its own slices and heads, summed as the all-reduce does; the norms and
+    residual adds on the whole residual stream, as every chip runs them; the logits concatenated."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        plan: TensorParallelPlan,
+        chips: list[PortWeights],
+        kv_dtype: ttnn.DataType,
+        inv_freq: np.ndarray,
+        lofi: bool = False,
+        exact: bool = False,
+    ):
+        super().__init__(config, chips[0], kv_dtype, inv_freq, lofi, exact)
+        # What one chip computes: its own query and KV heads, through the single-chip op sequence.
+        chip_config = dataclasses.replace(
+            config, num_heads=plan.query_heads_per_device, num_kv_heads=plan.kv_heads_per_device
+        )
+        self.chips = [PortEmulation(chip_config, w, kv_dtype, inv_freq, lofi, exact) for w in chips]
+
+    def all_reduce(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        total = parts[0]
+        for part in parts[1:]:
+            total = self.out(total + part)
+        return total
+
+    def attention(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce([chip.attention(index, x) for chip in self.chips])
+
+    def mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce([chip.mlp(index, x) for chip in self.chips])
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([chip.lm_head(x) for chip in self.chips], dim=-1)

@@ -11,6 +11,9 @@ Two layers, so that the TT validation tier (ttnn, no torch) can run everything t
 
 Weights go through the on-disk cache (``ttedge.models.llama.tt.weight_cache``): ``convert_checkpoint``
 (``ttedge convert``) fills it without opening a device, and a later start reads no weight of the checkpoint.
+
+A model runs on one chip or split over a 1xN mesh of chips (``ttedge.models.llama.tt.tensor_parallel``),
+opened from an ``ethernet_mesh`` topology (``open_tt_device``); the cache holds each chip's slices apart.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import ttnn
 from tqdm import tqdm
 
 from ttedge.config import ModelConfig
+from ttedge.ethernet_mesh.sharding import plan_tensor_parallel
+from ttedge.ethernet_mesh.topology import BUILT_IN_MESHES, Mesh
 from ttedge.model_zoo import PrecisionPreset
 from ttedge.models.llama.tt.greedy import DeviceTokenIds, token_ids_to_host, verify_greedy
 from ttedge.models.llama.tt.model import Transformer, logits_to_host
@@ -34,7 +39,6 @@ from ttedge.models.llama.tt.model_config import TILE
 from ttedge.models.llama.tt.traced_decode import TracedDecode
 from ttedge.models.llama.tt.ttlang import AcceptedLengths
 from ttedge.models.llama.tt.weight_cache import (
-    SINGLE_CHIP,
     WeightCache,
     checkpoint_files,
     default_cache_dir,
@@ -44,6 +48,7 @@ from ttedge.models.llama.tt.weights import check_config, convert_model
 from ttedge.runtime.base import DeviceUnavailable, StepInput
 from ttedge.runtime.tt_host import (
     DECODE_BATCH,
+    DEFAULT_MESH,
     MOCK_CLUSTER_VARIABLE,
     DecodeStep,
     OutputRows,
@@ -52,6 +57,7 @@ from ttedge.runtime.tt_host import (
     blocks_needed,
     check_tt_device,
     kv_cache_blocks,
+    mesh_plan,
     plan_steps,
 )
 
@@ -68,8 +74,22 @@ log = logging.getLogger(__name__)
 DECODE_TRACE_REGION_BYTES = 32 * 2**20
 
 
-def open_tt_device() -> ttnn.MeshDevice:
-    """Open the first Tenstorrent chip, or raise ``DeviceUnavailable`` saying why not."""
+def fabric_config(mesh: Mesh) -> ttnn.FabricConfig:
+    """The fabric the collectives of a 1-D tensor-parallel group travel over: a ring where the chips close
+    one (an 8-chip T3K), else a line (tt_transformers opens T3K with ``FABRIC_1D_RING``, N300 with
+    ``FABRIC_1D``)."""
+    return ttnn.FabricConfig.FABRIC_1D_RING if mesh.is_ring else ttnn.FabricConfig.FABRIC_1D
+
+
+def open_tt_device(mesh: Mesh = BUILT_IN_MESHES[DEFAULT_MESH]) -> ttnn.MeshDevice:
+    """Open the chips of ``mesh`` (``ethernet_mesh.topology``; default one chip), or raise
+    ``DeviceUnavailable`` saying why not.
+
+    One chip opens as before (no fabric). A 1xN mesh sets the fabric first (``fabric_config``) and opens
+    with dispatch on worker cores: with ttnn 0.81.1's default for multi-chip Wormhole (dispatch on Ethernet
+    cores) the device reports an 8x8 worker grid while ``typecast``'s placement check allows 8x7 and
+    refuses the op (seen on the mock n300 and T3K; docs/tt-validation.md). Close with ``close_tt_device``.
+    """
     check_tt_device()
     if os.environ.get(MOCK_CLUSTER_VARIABLE):
         log.warning(
@@ -78,7 +98,18 @@ def open_tt_device() -> ttnn.MeshDevice:
             MOCK_CLUSTER_VARIABLE,
         )
     try:
-        return ttnn.open_device(device_id=0, trace_region_size=DECODE_TRACE_REGION_BYTES)
+        if mesh.num_chips == 1:
+            return ttnn.open_device(device_id=0, trace_region_size=DECODE_TRACE_REGION_BYTES)
+        ttnn.set_fabric_config(fabric_config(mesh))
+        try:
+            return ttnn.open_mesh_device(
+                ttnn.MeshShape(*mesh.shape),
+                trace_region_size=DECODE_TRACE_REGION_BYTES,
+                dispatch_core_config=ttnn.DispatchCoreConfig(ttnn.DispatchCoreType.WORKER),
+            )
+        except RuntimeError:
+            ttnn.set_fabric_config(ttnn.FabricConfig.DISABLED)
+            raise
     except RuntimeError as err:
         # Without a card the driver asserts ("TT_FATAL ... No chips detected in the cluster").
         if "No chips detected" in str(err):
@@ -88,9 +119,18 @@ def open_tt_device() -> ttnn.MeshDevice:
         raise
 
 
+def close_tt_device(device: ttnn.MeshDevice) -> None:
+    """Close what ``open_tt_device`` opened, and the fabric with a mesh of several chips."""
+    chips = device.get_num_devices()
+    ttnn.close_mesh_device(device)
+    if chips > 1:
+        ttnn.set_fabric_config(ttnn.FabricConfig.DISABLED)
+
+
 class TtDeviceRunner:
-    """The device-facing runner: numpy in and out, one chip, a paged KV cache of ``num_blocks`` blocks that
-    the engine hands out, plus one scratch block (``tt_host.PageTables``).
+    """The device-facing runner: numpy in and out, one chip or a 1xN mesh (each chip a KV cache of its KV
+    heads), a paged KV cache of ``num_blocks`` blocks that the engine hands out, plus one scratch block
+    (``tt_host.PageTables``); ``ring``: the mesh's chips close a ring (``Transformer``).
 
     ``traced_decode``: decode steps captured once and replayed (``TracedDecode``; the device needs a trace
     region, as ``open_tt_device`` reserves). By default on a card, never on a mock cluster, where capture
@@ -109,12 +149,13 @@ class TtDeviceRunner:
         progress: Callable[[int, int], None] | None = None,
         ttlang_kernels: bool = False,
         traced_decode: bool | None = None,
+        ring: bool = False,
     ):
         self.config = config
         self.max_model_len = max_model_len
         self.pages = PageTables(num_blocks, blocks_needed(max_model_len))
         self.model = Transformer(
-            mesh, config, tensors, preset, self.pages.device_blocks, cache, progress, ttlang_kernels
+            mesh, config, tensors, preset, self.pages.device_blocks, cache, progress, ttlang_kernels, ring
         )
         if traced_decode is None:
             traced_decode = not os.environ.get(MOCK_CLUSTER_VARIABLE)
@@ -226,11 +267,13 @@ class Float32Tensors(Mapping[str, np.ndarray]):
         return len(self.sources)
 
 
-def checkpoint_cache(checkpoint: Checkpoint, cache_dir: Path | None = None) -> WeightCache:
-    """The weight cache of ``checkpoint`` on one chip, under ``cache_dir`` (default: ``$TTEDGE_TT_CACHE`` or
-    ``~/.cache/ttedge/tt-weights``)."""
+def checkpoint_cache(
+    checkpoint: Checkpoint, mesh_shape: tuple[int, int], cache_dir: Path | None = None
+) -> WeightCache:
+    """The weight cache of ``checkpoint`` split over a mesh of ``mesh_shape``, under ``cache_dir`` (default:
+    ``$TTEDGE_TT_CACHE`` or ``~/.cache/ttedge/tt-weights``)."""
     identity = model_identity(checkpoint.config, checkpoint_files(checkpoint.path))
-    return WeightCache(cache_dir or default_cache_dir(), identity, SINGLE_CHIP)
+    return WeightCache(cache_dir or default_cache_dir(), identity, mesh_shape)
 
 
 @contextmanager
@@ -246,13 +289,20 @@ def conversion_progress(label: str) -> Iterator[Callable[[int, int], None]]:
 
 
 def convert_checkpoint(
-    checkpoint: Checkpoint, preset: PrecisionPreset, cache_dir: Path | None = None
+    checkpoint: Checkpoint,
+    preset: PrecisionPreset,
+    cache_dir: Path | None = None,
+    mesh: Mesh = BUILT_IN_MESHES[DEFAULT_MESH],
 ) -> WeightCache:
-    """Convert every weight of ``checkpoint`` at ``preset`` into the cache, on the host (no device is
-    opened); weights already cached are checked, not converted again. Returns the cache and its counts."""
-    cache = checkpoint_cache(checkpoint, cache_dir)
-    with conversion_progress(f"converting {checkpoint.config.name} ({preset.name})") as progress:
-        convert_model(checkpoint.config, Float32Tensors(checkpoint.tensors), preset, cache, progress)
+    """Convert every weight of ``checkpoint`` at ``preset``, split for ``mesh`` (default one chip), into the
+    cache, on the host (no device is opened); weights already cached are checked, not converted again.
+    A plan that does not divide is refused first (``tt_host.mesh_plan``). Returns the cache and its counts."""
+    config = checkpoint.config
+    mesh_plan(mesh, config)
+    cache = checkpoint_cache(checkpoint, mesh.shape, cache_dir)
+    tensors = Float32Tensors(checkpoint.tensors)
+    with conversion_progress(f"converting {config.name} ({preset.name}, {mesh.name})") as progress:
+        convert_model(config, tensors, preset, cache, progress, mesh.num_chips)
     return cache
 
 
@@ -281,14 +331,17 @@ class TtModelRunner:
         max_model_len: int | None = None,
         ttlang_kernels: bool = False,
         traced_decode: bool | None = None,
+        ring: bool = False,
     ) -> TtModelRunner:
-        """``ttlang_kernels``: the port's TT-Lang kernels where tt-lang is installed (``Transformer``);
-        ``traced_decode``: see ``TtDeviceRunner``."""
+        """``mesh``: one chip or a 1xN mesh (``open_tt_device``), ``ring`` when its chips close a ring;
+        ``kv_cache_bytes`` is the KV memory of each chip. ``ttlang_kernels``: the port's TT-Lang kernels
+        where tt-lang is installed (``Transformer``); ``traced_decode``: see ``TtDeviceRunner``."""
         config = checkpoint.config
         check_config(config)  # before converting every weight
+        plan = plan_tensor_parallel(config, mesh.get_num_devices())
         context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        num_blocks = kv_cache_blocks(config, preset.kv_cache, kv_cache_bytes)
-        cache = checkpoint_cache(checkpoint)
+        num_blocks = kv_cache_blocks(config, preset.kv_cache, kv_cache_bytes, plan.kv_heads_per_device)
+        cache = checkpoint_cache(checkpoint, (1, plan.devices))
         tensors = Float32Tensors(checkpoint.tensors)
         with conversion_progress(f"loading {config.name} ({preset.name})") as progress:
             device = TtDeviceRunner(
@@ -302,6 +355,7 @@ class TtModelRunner:
                 progress,
                 ttlang_kernels,
                 traced_decode,
+                ring,
             )
         log.info("TT weights: %d converted, %d from %s", cache.converted, cache.loaded, cache.directory)
         return cls(device)

@@ -6,7 +6,8 @@
 - the plan of one ``run()``: which inputs go to batched decode steps and which to prefill chunks;
 - collecting each input's output rows (logits, or greedy token ids) in token order;
 - how many KV blocks a memory budget buys at a card preset's KV dtype;
-- which precision preset a checkpoint runs (or is converted) at.
+- which precision preset a checkpoint runs (or is converted) at;
+- which mesh ``--mesh`` names, and whether the model splits over it (before any device work).
 
 Kept apart from ``ttedge.runtime.tt`` so that both test tiers can check it: the CPU suite has no ttnn and
 the TT validation tier no torch.
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ttedge.config import ConfigError, ModelConfig
+from ttedge.ethernet_mesh.sharding import ShardingError, TensorParallelPlan, plan_tensor_parallel
+from ttedge.ethernet_mesh.topology import Mesh, MeshError, get_mesh
 from ttedge.model_zoo import ModelCard, PrecisionPreset
 from ttedge.runtime.base import DeviceUnavailable, StepInput
 
@@ -92,6 +95,36 @@ def choose_preset(card: ModelCard | None, name: str | None = None) -> PrecisionP
         raise ConfigError("--preset", f"{card.id}: {err.args[0]}") from None
 
 
+# The mesh ``--mesh`` names by default: one chip, the TT backend as it runs without the option.
+DEFAULT_MESH = "n150"
+
+
+def resolve_mesh(name_or_path: str) -> Mesh:
+    """The built-in mesh or YAML file ``--mesh`` names (``ethernet_mesh.topology``), as a ``ConfigError``
+    when it names none or is not one row of chips: the port splits a model over a 1xN mesh only."""
+    try:
+        mesh = get_mesh(name_or_path)
+    except MeshError as err:
+        raise ConfigError("--mesh", str(err)) from None
+    if mesh.shape[0] != 1:
+        rows, cols = mesh.shape
+        raise ConfigError(
+            "--mesh",
+            f"{mesh.name} is {rows}x{cols}: the TT port splits a model over one row of chips (1xN), "
+            f"e.g. t3k rather than t3k-2x4",
+        )
+    return mesh
+
+
+def mesh_plan(mesh: Mesh, config: ModelConfig) -> TensorParallelPlan:
+    """The tensor-parallel plan of ``config`` over ``mesh``'s chips, as a ``ConfigError`` carrying the
+    ``ShardingError``'s message when a split does not divide: checked before a device is opened."""
+    try:
+        return plan_tensor_parallel(config, mesh.num_chips)
+    except ShardingError as err:
+        raise ConfigError(f"--mesh {mesh.name}", str(err)) from None
+
+
 def blocks_needed(num_tokens: int) -> int:
     return -(-num_tokens // BLOCK_TOKENS)
 
@@ -100,11 +133,15 @@ def blocks_needed(num_tokens: int) -> int:
 TILE_BYTES = {"bfloat16": 2048, "bfloat8_b": 1088, "bfloat4_b": 576, "float32": 4096}
 
 
-def kv_cache_blocks(config: ModelConfig, kv_dtype: str, kv_cache_bytes: int) -> int:
-    """How many 32-token blocks (K and V, every layer) fit in ``kv_cache_bytes`` at ``kv_dtype``; one more is
-    kept on the device as the scratch block."""
+def kv_cache_blocks(
+    config: ModelConfig, kv_dtype: str, kv_cache_bytes: int, kv_heads: int | None = None
+) -> int:
+    """How many 32-token blocks (K and V, every layer) fit in ``kv_cache_bytes`` of one chip at ``kv_dtype``,
+    each chip holding ``kv_heads`` KV heads (default: all of them, as on one chip); one more is kept on the
+    device as the scratch block."""
     tiles_per_head = BLOCK_TOKENS * config.head_dim // (32 * 32)
-    block_bytes = 2 * config.num_layers * config.num_kv_heads * tiles_per_head * TILE_BYTES[kv_dtype]
+    heads = config.num_kv_heads if kv_heads is None else kv_heads
+    block_bytes = 2 * config.num_layers * heads * tiles_per_head * TILE_BYTES[kv_dtype]
     blocks = kv_cache_bytes // block_bytes - 1
     if blocks < 1:
         raise ValueError(

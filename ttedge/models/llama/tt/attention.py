@@ -10,6 +10,10 @@ heads split in DRAM, rotary embedding in prefill mode, K and V copied block by b
 through the user's page table (``paged_fill_cache``), then causal attention: over the chunk itself when it
 starts the sequence, or over the cache through the page table when earlier chunks are already there
 (``chunked_scaled_dot_product_attention``); heads concatenated, output projection.
+
+On a mesh each chip runs this over its own heads (``tensor_parallel.py``): its query heads, the KV heads
+they attend with (its own KV cache holds only those), and its rows of the output projection, whose result
+is the chip's part of a sum the decoder layer all-reduces.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ttedge.models.llama.tt.model_config import (
     DeviceSpec,
 )
 from ttedge.models.llama.tt.rope import RotaryInputs, RotarySetup
+from ttedge.models.llama.tt.tensor_parallel import TensorParallel, single_chip
 from ttedge.models.llama.tt.ttlang import Rotary
 from ttedge.models.llama.tt.weights import LayerTensors, device_tensor, host_tensor
 
@@ -82,18 +87,21 @@ class Attention:
         layer: LayerTensors,
         kv_dtype: ttnn.DataType,
         num_blocks: int,
+        tp: TensorParallel | None = None,
         rotary_kernel: bool = False,
     ):
-        """``rotary_kernel``: decode rotates Q and K with the TT-Lang kernel (``ttlang.Rotary``)."""
+        """``tp``: the tensor-parallel plan the weights were split by (default: one chip).
+        ``rotary_kernel``: decode rotates Q and K with the TT-Lang kernel (``ttlang.Rotary``)."""
+        plan = (tp or single_chip(config)).plan
         self.spec = spec
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.num_heads, self.num_kv_heads = plan.query_heads_per_device, plan.kv_heads_per_device
         # The kernels take a float32 scale. ttnn 0.81.1's chunked prefill SDPA refuses a Python float that
         # float32 cannot hold exactly ("incompatible function arguments" for 32**-0.5), so round it first.
         self.scale = float(np.float32(config.head_dim**-0.5))
         self.wqkv = DramShardedLinear(mesh, spec, layer.wqkv)
         self.wo = DramShardedLinear(mesh, spec, layer.wo)
         # The paged cache: [blocks, kv_heads, block_tokens, head_dim], shared by all users via page tables.
-        cache = np.zeros((num_blocks, config.num_kv_heads, BLOCK_TOKENS, config.head_dim), np.float32)
+        cache = np.zeros((num_blocks, self.num_kv_heads, BLOCK_TOKENS, config.head_dim), np.float32)
         self.k_cache = device_tensor(mesh, cache, kv_dtype, WEIGHTS_MEMORY)
         self.v_cache = device_tensor(mesh, cache, kv_dtype, WEIGHTS_MEMORY)
         # Concat-heads reads one user's [padded heads, head_dim] block per core.

@@ -10,6 +10,7 @@ import numpy as np
 import ttnn
 
 from ttedge.models.llama.tt.model_config import ACTIVATIONS_MEMORY, TILE
+from ttedge.models.llama.tt.tensor_parallel import first_chip
 from ttedge.models.llama.tt.ttlang import AcceptedLengths
 from ttedge.models.llama.tt.weights import host_tensor
 
@@ -28,8 +29,9 @@ def greedy_token_ids(logits: ttnn.Tensor, vocab_size: int) -> ttnn.Tensor:
 
 
 def token_ids_to_host(ids: ttnn.Tensor, rows: slice) -> np.ndarray:
-    """``rows`` of device token ids ``[1, 1, rows]`` as int64 ``[len(rows)]``."""
-    return ids.cpu().to_numpy().reshape(-1)[rows].astype(np.int64)
+    """``rows`` of device token ids ``[1, 1, rows]`` as int64 ``[len(rows)]`` (on a mesh, chip 0's: every
+    chip picks the same ids from the same gathered logits)."""
+    return first_chip(ids).cpu().to_numpy().reshape(-1)[rows].astype(np.int64)
 
 
 class DeviceTokenIds:
@@ -108,5 +110,5 @@ def verify_greedy(
     # One read of [rows, 2] row-major uint32, 8 bytes a sequence: in tile layout each column would be a
     # whole 4 KiB tile.
     verdicts = ttnn.to_layout(ttnn.concat([counts, tokens], dim=-1), ttnn.ROW_MAJOR_LAYOUT)
-    host = verdicts.cpu().to_numpy().reshape(where.shape[0], 2)
+    host = first_chip(verdicts).cpu().to_numpy().reshape(where.shape[0], 2)
     return [(int(count), int(token)) for count, token in host[: len(rows)]]

@@ -1,5 +1,5 @@
-"""The whole model on one chip: embedding, every decoder layer, final norm, LM head; a decode step for up to
-32 users, or a prefill chunk of one user's prompt."""
+"""The whole model on one chip or split over a 1xN mesh (``tensor_parallel.py``): embedding, every decoder
+layer, final norm, LM head; a decode step for up to 32 users, or a prefill chunk of one user's prompt."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ttedge.models.llama.tt.model_config import (
 from ttedge.models.llama.tt.rmsnorm import RMSNorm
 from ttedge.models.llama.tt.rope import RotaryInputs, RotarySetup
 from ttedge.models.llama.tt.rope_tables import inverse_frequencies
+from ttedge.models.llama.tt.tensor_parallel import TensorParallel, first_chip
 from ttedge.models.llama.tt.ttlang import choose_kernels
 from ttedge.models.llama.tt.weight_cache import WeightCache
 from ttedge.models.llama.tt.weights import WeightDtypes, convert_model, host_tensor, pad_to_tile
@@ -68,12 +69,18 @@ class Transformer:
         cache: WeightCache | None = None,
         progress: Callable[[int, int], None] | None = None,
         ttlang_kernels: bool = False,
+        ring: bool = False,
     ):
         """``tensors``: canonical float32 arrays, read only for the weights ``cache`` lacks (all of them
         without a cache); ``progress`` follows the conversion (``weights.convert_model``).
         ``ttlang_kernels`` runs the decode layer's residual+RMSNorm and SwiGLU as TT-Lang kernels where
-        tt-lang is installed (``ttlang.choose_kernels``; ttnn ops otherwise, the choice logged)."""
-        converted = convert_model(config, tensors, preset, cache, progress)
+        tt-lang is installed (``ttlang.choose_kernels``; ttnn ops otherwise, the choice logged).
+
+        On a 1xN mesh the weights are split over its chips as ``ethernet_mesh.sharding`` plans
+        (``ShardingError`` first when a split does not divide); ``ring``: the chips close a ring, so the
+        collectives use ttnn's Ring topology rather than Linear."""
+        self.tp = TensorParallel.over(config, mesh.get_num_devices(), ring)
+        converted = convert_model(config, tensors, preset, cache, progress, self.tp.devices)
         self.mesh = mesh
         self.config = config
         spec = DeviceSpec.of(mesh)
@@ -90,11 +97,12 @@ class Transformer:
                 WeightDtypes.from_preset(preset, i).kv_cache,
                 num_blocks,
                 self.kernels,
+                self.tp,
             )
             for i, layer in enumerate(converted.layers)
         ]
         self.norm = RMSNorm(mesh, converted.norm, config.rms_norm_eps)
-        self.lm_head = LMHead(mesh, converted.lm_head)
+        self.lm_head = LMHead(mesh, converted.lm_head, self.tp)
 
     def decode(
         self,
@@ -224,7 +232,7 @@ def logits_to_host(logits: ttnn.Tensor, rows: slice, vocab_size: int) -> np.ndar
     """``rows`` of device logits ``[1, 1, rows, padded vocab]`` as float32 ``[len(rows), vocab_size]``.
 
     Typecast on the device first: numpy has no bfloat16, and ``to_numpy`` of a bfloat16 tensor gives an
-    object array (docs/tt-validation.md).
+    object array (docs/tt-validation.md). On a mesh every chip holds the gathered logits: chip 0's are read.
     """
-    host = ttnn.typecast(logits, ttnn.float32).cpu().to_numpy()
+    host = first_chip(ttnn.typecast(logits, ttnn.float32)).cpu().to_numpy()
     return np.ascontiguousarray(host.reshape(host.shape[-2], host.shape[-1])[rows, :vocab_size])

@@ -48,9 +48,8 @@ def card_of(mesh: ttnn.MeshDevice) -> HardwareSpec:
     return BLACKHOLE_P150 if "BLACKHOLE" in str(DeviceSpec.of(mesh).arch) else WORMHOLE_N150
 
 
-def random_layer(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Canonical float32 weights of layer 0 of ``config`` (``[out, in]``, ttedge.checkpoint.base names)."""
-    rng = np.random.default_rng(seed)
+def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The canonical shapes of layer 0's weights (``[out, in]``, ttedge.checkpoint.base names)."""
     h, ff, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     shapes = {
         "attn_norm.weight": (h,),
@@ -63,9 +62,15 @@ def random_layer(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
         "mlp.up.weight": (ff, h),
         "mlp.down.weight": (h, ff),
     }
+    return {f"layers.0.{name}": shape for name, shape in shapes.items()}
+
+
+def random_layer(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Canonical float32 weights of layer 0 of ``config`` (``[out, in]``, ttedge.checkpoint.base names)."""
+    rng = np.random.default_rng(seed)
     return {
-        f"layers.0.{name}": rng.standard_normal(shape, dtype=np.float32) * 0.02
-        for name, shape in shapes.items()
+        name: rng.standard_normal(shape, dtype=np.float32) * 0.02
+        for name, shape in layer_shapes(config).items()
     }
 
 

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 CACHE_DIR_VARIABLE = "TTEDGE_TT_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/ttedge/tt-weights"
-# The port runs on one chip (docs/tt-validation.md); multi-chip meshes will split tensors differently.
+# The mesh shape of one chip. On a 1xN mesh a split tensor is cached as one file per chip, under the mesh's
+# own directory (``weights._cache_names``).
 SINGLE_CHIP = (1, 1)
 
 _DIGEST_CHUNK = 16 * 2**20

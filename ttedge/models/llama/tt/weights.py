@@ -10,13 +10,16 @@ What changes on the way from ``ttedge.checkpoint`` (``[out, in]``, Hugging Face 
   pairs through its transformation matrix. This is tt_transformers' ``reverse_permute`` in
   ``load_checkpoints.py``; q . k is unchanged when both are permuted alike, so attention is too (proved
   on the host by ``tests/tt/test_port_weights.py``);
-- the MLP width and the vocabulary are zero-padded to whole tiles: a zero gate/up column gives
-  silu(0) * 0 = 0 through a zero down row, and padded logits are cut off by the caller.
+- the MLP width and the vocabulary are zero-padded to whole tiles (on a mesh of N chips, to N equal runs
+  of whole tiles): a zero gate/up column gives silu(0) * 0 = 0 through a zero down row, and padded logits
+  are cut off by the caller.
+
+On a mesh the prepared arrays are then split into per-chip slices (``shard_layer``, ``shard_outer``) as
+``ethernet_mesh.sharding`` plans them; ``tensor_parallel.py`` says how the chips put the results together.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -24,14 +27,17 @@ import numpy as np
 import ttnn
 
 from ttedge.config import ConfigError, ModelConfig
+from ttedge.ethernet_mesh.sharding import TensorParallelPlan, plan_tensor_parallel
 from ttedge.model_zoo import PrecisionPreset
 from ttedge.models.llama.tt.model_config import TILE
 from ttedge.models.llama.tt.rope_tables import hf_to_meta_rows
 from ttedge.models.llama.tt.weight_cache import WeightCache
 
 
-def pad_to_tile(n: int) -> int:
-    return -(-n // TILE) * TILE
+def pad_to_tile(n: int, devices: int = 1) -> int:
+    """``n`` rounded up to ``devices`` equal runs of whole tiles (one run on a single chip)."""
+    step = TILE * devices
+    return -(-n // step) * step
 
 
 def _pad(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -107,9 +113,12 @@ def check_config(config: ModelConfig) -> None:
         raise ConfigError(config.name, f"{config.num_heads} heads do not group over {config.num_kv_heads}")
 
 
-def prepare_layer(config: ModelConfig, tensors: Mapping[str, np.ndarray], index: int) -> HostLayer:
+def prepare_layer(
+    config: ModelConfig, tensors: Mapping[str, np.ndarray], index: int, devices: int = 1
+) -> HostLayer:
+    """Layer ``index`` whole, its MLP width padded to split evenly over ``devices`` chips."""
     p = f"layers.{index}."
-    ffn = pad_to_tile(config.intermediate_size)
+    ffn = pad_to_tile(config.intermediate_size, devices)
     q = hf_to_meta_rows(tensors[p + "attn.q.weight"], config.num_heads)
     k = hf_to_meta_rows(tensors[p + "attn.k.weight"], config.num_kv_heads)
     v = tensors[p + "attn.v.weight"]
@@ -125,14 +134,75 @@ def prepare_layer(config: ModelConfig, tensors: Mapping[str, np.ndarray], index:
     )
 
 
-def prepare_outer(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> HostOuter:
+def prepare_outer(config: ModelConfig, tensors: Mapping[str, np.ndarray], devices: int = 1) -> HostOuter:
+    """The weights outside the layers, the vocabulary padded to split evenly over ``devices`` chips."""
     embed = tensors["embed.weight"]  # read once: a lazy mapping loads it per access
     head = embed if config.tie_word_embeddings else tensors["lm_head.weight"]
     return HostOuter(
         embed=embed,
         norm=_norm_rows(tensors["norm.weight"]),
-        lm_head=_pad(head.T, config.hidden_size, pad_to_tile(config.vocab_size)),
+        lm_head=_pad(head.T, config.hidden_size, pad_to_tile(config.vocab_size, devices)),
     )
+
+
+# Per field, its arrays in chip order: one array for a field every chip holds whole (and on one chip).
+Shards = dict[str, list[np.ndarray]]
+
+
+def _columns(w: np.ndarray, devices: int) -> list[np.ndarray]:
+    return np.split(w, devices, axis=1)
+
+
+def _rows(w: np.ndarray, devices: int) -> list[np.ndarray]:
+    return np.split(w, devices, axis=0)
+
+
+def _qkv_columns(config: ModelConfig, wqkv: np.ndarray, plan: TensorParallelPlan) -> list[np.ndarray]:
+    """Each chip's fused QKV columns: its query heads, then the KV heads they attend with (a KV head
+    repeated on every chip whose query heads share it when there are fewer KV heads than chips)."""
+    head_dim, devices = config.head_dim, plan.devices
+    q, k, v = np.split(wqkv, [config.q_size, config.q_size + config.kv_size], axis=1)
+    q_width, kv_width = plan.query_heads_per_device * head_dim, plan.kv_heads_per_device * head_dim
+    shards = []
+    for device in range(devices):
+        # Chip d's query heads start at head d * heads / N; the KV head of query head h is
+        # h // (heads / kv_heads), so chip d's KV heads start at d * kv_heads / N (rounded down).
+        first_kv = device * config.num_kv_heads // devices * head_dim
+        shards.append(
+            np.concatenate(
+                [
+                    q[:, device * q_width : (device + 1) * q_width],
+                    k[:, first_kv : first_kv + kv_width],
+                    v[:, first_kv : first_kv + kv_width],
+                ],
+                axis=1,
+            )
+        )
+    return shards
+
+
+def shard_layer(config: ModelConfig, layer: HostLayer, plan: TensorParallelPlan) -> Shards:
+    """``layer`` (prepared for ``plan.devices`` chips) split as ``plan`` says: QKV, w1 and w3 over their
+    output columns, WO and w2 over their input rows, the norms whole."""
+    devices = plan.devices
+    return {
+        "attn_norm": [layer.attn_norm],
+        "wqkv": _qkv_columns(config, layer.wqkv, plan),
+        "wo": _rows(layer.wo, devices),
+        "mlp_norm": [layer.mlp_norm],
+        "w1": _columns(layer.w1, devices),
+        "w3": _columns(layer.w3, devices),
+        "w2": _rows(layer.w2, devices),
+    }
+
+
+def shard_outer(outer: HostOuter, plan: TensorParallelPlan) -> Shards:
+    """The embedding and final norm whole on every chip, the LM head split over the vocabulary."""
+    return {
+        "embed": [outer.embed],
+        "norm": [outer.norm],
+        "lm_head": _columns(outer.lm_head, plan.devices),
+    }
 
 
 def host_tensor(
@@ -204,29 +274,54 @@ class ModelTensors:
     lm_head: ttnn.Tensor
 
 
+# The fields ``shard_layer`` and ``shard_outer`` give every chip whole; the others, one slice per chip.
+REPLICATED_FIELDS = frozenset({"attn_norm", "mlp_norm", "embed", "norm"})
+
+
+def _cache_names(name: str, devices: int) -> list[str]:
+    """The cache entries of one field: the field's own name when one tensor serves every chip (as on a
+    single chip), else one entry per chip, ``<name>.device<d>``. The cache directory is per mesh shape."""
+    if devices == 1 or name in REPLICATED_FIELDS:
+        return [name]
+    return [f"{name}.device{device}" for device in range(devices)]
+
+
+def _mesh_tensor(tensors: list[ttnn.Tensor], devices: int) -> ttnn.Tensor:
+    """One host tensor every chip receives whole, or the per-chip slices as one host tensor over the 1xN
+    mesh, which ``Tensor.to(mesh)`` places slice ``d`` on chip ``d``."""
+    if len(tensors) == 1:
+        return tensors[0]
+    return ttnn.from_host_shards(tensors, ttnn.MeshShape(1, devices))
+
+
 def _convert(
     formats: Mapping[str, TensorFormat],
-    prepare: Callable[[], object],
+    prepare: Callable[[], Shards],
     cache: WeightCache | None,
     prefix: str,
+    devices: int,
 ) -> dict[str, ttnn.Tensor]:
-    """The named tensors in ``formats``: from the cache where it holds them, else converted from the fields
-    of ``prepare()`` and stored. ``prepare`` runs only on a miss, so a cached model never reads its
-    checkpoint."""
-    found = {}
+    """The named tensors in ``formats``: from the cache where it holds every slice of them, else converted
+    from ``prepare()``'s arrays and stored slice by slice. ``prepare`` runs only on a miss, so a cached model
+    never reads its checkpoint."""
+    found: dict[str, list[ttnn.Tensor]] = {}
     if cache is not None:
         for name, (dtype, layout) in formats.items():
-            tensor = cache.load(prefix + name, dtype, layout)
-            if tensor is not None:
-                found[name] = tensor
+            slices = [cache.load(prefix + entry, dtype, layout) for entry in _cache_names(name, devices)]
+            if all(tensor is not None for tensor in slices):
+                found[name] = [tensor for tensor in slices if tensor is not None]
     if len(found) < len(formats):
-        prepared = vars(prepare())
+        prepared = prepare()
         for name, (dtype, layout) in formats.items():
             if name not in found:
-                found[name] = host_tensor(prepared[name][None, None], dtype, layout)
+                entries = _cache_names(name, devices)
+                arrays = prepared[name]
+                assert len(arrays) == len(entries), f"{name}: {len(arrays)} slices for {len(entries)} entries"
+                found[name] = [host_tensor(array[None, None], dtype, layout) for array in arrays]
                 if cache is not None:
-                    cache.store(prefix + name, found[name])
-    return found
+                    for entry, tensor in zip(entries, found[name], strict=True):
+                        cache.store(prefix + entry, tensor)
+    return {name: _mesh_tensor(slices, devices) for name, slices in found.items()}
 
 
 def convert_layer(
@@ -235,10 +330,16 @@ def convert_layer(
     dtypes: WeightDtypes,
     index: int,
     cache: WeightCache | None = None,
+    plan: TensorParallelPlan | None = None,
 ) -> LayerTensors:
-    """Layer ``index``'s weights prepared and converted to ``dtypes``, through ``cache`` when given."""
-    prepare = functools.partial(prepare_layer, config, tensors, index)
-    return LayerTensors(**_convert(layer_formats(dtypes), prepare, cache, f"layers.{index}."))
+    """Layer ``index``'s weights prepared, split as ``plan`` says (default: one chip) and converted to
+    ``dtypes``, through ``cache`` when given."""
+    plan = plan or plan_tensor_parallel(config, 1)
+
+    def prepare() -> Shards:
+        return shard_layer(config, prepare_layer(config, tensors, index, plan.devices), plan)
+
+    return LayerTensors(**_convert(layer_formats(dtypes), prepare, cache, f"layers.{index}.", plan.devices))
 
 
 def convert_model(
@@ -247,19 +348,27 @@ def convert_model(
     preset: PrecisionPreset,
     cache: WeightCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    devices: int = 1,
 ) -> ModelTensors:
     """Every weight of ``config`` prepared and converted to its device format under ``preset``, through
-    ``cache`` when given. ``tensors`` holds canonical float32 arrays (``ttedge.checkpoint.base`` names) and
-    is read only for what the cache lacks; ``progress(done, total)`` is called after each layer and after
-    the embedding, norm and head."""
+    ``cache`` when given, split over a 1x``devices`` mesh as ``ethernet_mesh.sharding`` plans it (a
+    ``ShardingError`` before any weight is read when a split does not divide). ``tensors`` holds canonical
+    float32 arrays (``ttedge.checkpoint.base`` names) and is read only for what the cache lacks;
+    ``progress(done, total)`` is called after each layer and after the embedding, norm and head."""
     check_config(config)
+    plan = plan_tensor_parallel(config, devices)
     total = config.num_layers + 1
     layers = []
     for index in range(config.num_layers):
-        layers.append(convert_layer(config, tensors, WeightDtypes.from_preset(preset, index), index, cache))
+        dtypes = WeightDtypes.from_preset(preset, index)
+        layers.append(convert_layer(config, tensors, dtypes, index, cache, plan))
         if progress is not None:
             progress(index + 1, total)
-    outer = _convert(OUTER_FORMATS, lambda: prepare_outer(config, tensors), cache, "")
+
+    def prepare_outer_shards() -> Shards:
+        return shard_outer(prepare_outer(config, tensors, devices), plan)
+
+    outer = _convert(OUTER_FORMATS, prepare_outer_shards, cache, "", devices)
     if progress is not None:
         progress(total, total)
     return ModelTensors(layers=layers, **outer)
