@@ -191,10 +191,12 @@ def test_rank_environments_follow_torchrun() -> None:
 
 
 def test_multi_host_tt_goes_through_tt_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    argv = tt_run_command(["serve", "--port", "8000"], "galaxy.textproto", ["h1", "h2"], "galaxy")
+    argv = tt_run_command(["serve", "--port", "8000"], "two.textproto", ["h2", "h1"], "mesh.yaml", 29600)
     assert argv == [
-        "tt-run", "-m", "galaxy.textproto", "--hosts", "h1,h2",
-        sys.executable, "-m", "ttedge.cli", "serve", "--port", "8000", "--device", "tt", "--mesh", "galaxy",
+        "tt-run", "-m", "two.textproto", "--hosts", "h2,h1",
+        "--mpi-args", "-x MASTER_ADDR=h1 -x MASTER_PORT=29600",
+        sys.executable, "-m", "ttedge.cli", "serve", "--port", "8000",
+        "--device", "tt", "--mesh", "mesh.yaml",
     ]  # fmt: skip
     with pytest.raises(LaunchError, match="needs --hosts"):
         tt_run_command(["serve"], "galaxy.textproto", [], None)

@@ -28,7 +28,7 @@ from ttedge.models.llama.linear import WeightFormat
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import ModelRunner
 from ttedge.runtime.cpu import CpuModelRunner
-from ttedge.runtime.tensor_parallel import Rendezvous, TensorParallelRunner, load_shard, run_worker
+from ttedge.runtime.tensor_parallel import Rendezvous, driver_runner, join_group, load_shard, run_worker
 from ttedge.runtime.tt_host import DEFAULT_MESH, check_tt_device, choose_preset, mesh_plan, resolve_mesh
 from ttedge.tokenizer import Tokenizer
 
@@ -66,38 +66,44 @@ def build_runner(
     card: model_zoo.ModelCard | None,
     rendezvous: Rendezvous | None = None,
 ) -> ModelRunner:
-    kv_cache_bytes = settings.kv_cache_mb * 2**20
     if rendezvous is not None:
-        runner = TensorParallelRunner(shard_runner(settings, checkpoint, rendezvous), checkpoint.config)
+        runner = driver_runner(rank_runner(settings, checkpoint, card, rendezvous), checkpoint.config)
         # Also when rank 0 fails after loading: the other ranks then leave their loop instead of waiting.
         atexit.register(runner.close)
         return runner
     if settings.device == "tt":
-        # Imported here: the TT backend imports ttnn, which CPU-only installs do not have.
-        from ttedge.runtime.tt import TtModelRunner, close_tt_device, open_tt_device
-
-        preset = choose_preset(card)
-        topology = resolve_mesh(settings.mesh)
-        mesh = open_tt_device(topology)
-        atexit.register(close_tt_device, mesh)
-        return TtModelRunner.from_checkpoint(
-            mesh, checkpoint, preset, kv_cache_bytes, settings.max_model_len, ring=topology.is_ring
-        )
+        return tt_runner(settings, checkpoint, card)
     model = LlamaModel.from_checkpoint(
         checkpoint, settings.weight_format, batch_invariant=settings.batch_invariant
     )
-    return CpuModelRunner(model, kv_cache_bytes, settings.max_model_len)
+    return CpuModelRunner(model, settings.kv_cache_mb * 2**20, settings.max_model_len)
 
 
-def shard_runner(settings: EngineSettings, checkpoint: Checkpoint, rendezvous: Rendezvous) -> CpuModelRunner:
-    """This rank's runner in a CPU tensor-parallel group (runtime/tensor_parallel.py). Every rank gets
-    the same ``settings``, so every rank's KV cache has the same number of blocks."""
-    if settings.device != "cpu":
-        raise ConfigError(
-            "tensor parallelism",
-            "the chips of a TT mesh run in one process: use --mesh (ttedge launch --mesh passes it on); "
-            "processes in a group are for --device cpu",
-        )
+def tt_runner(
+    settings: EngineSettings, checkpoint: Checkpoint, card: model_zoo.ModelCard | None
+) -> ModelRunner:
+    # Imported here: the TT backend imports ttnn, which CPU-only installs do not have.
+    from ttedge.runtime.tt import TtModelRunner, close_tt_device, open_tt_device
+
+    preset = choose_preset(card)
+    topology = resolve_mesh(settings.mesh)
+    mesh = open_tt_device(topology)
+    atexit.register(close_tt_device, mesh)
+    return TtModelRunner.from_checkpoint(
+        mesh, checkpoint, preset, settings.kv_cache_mb * 2**20, settings.max_model_len, ring=topology.is_ring
+    )
+
+
+def rank_runner(
+    settings: EngineSettings, checkpoint: Checkpoint, card: model_zoo.ModelCard | None, rendezvous: Rendezvous
+) -> ModelRunner:
+    """This rank's runner in a group (runtime/tensor_parallel.py). On CPU, its shard of the model. On TT,
+    the group is the hosts of one mesh (started by tt-run): every rank drives the whole mesh's runner, so
+    that each host issues the same ops to its own chips. Every rank gets the same ``settings``, so every
+    rank's KV cache has the same number of blocks."""
+    if settings.device == "tt":
+        join_group(rendezvous)
+        return tt_runner(settings, checkpoint, card)
     try:
         model = load_shard(checkpoint, rendezvous, settings.weight_format, settings.batch_invariant)
     except ShardingError as err:
@@ -106,10 +112,10 @@ def shard_runner(settings: EngineSettings, checkpoint: Checkpoint, rendezvous: R
 
 
 def run_shard(settings: EngineSettings, rendezvous: Rendezvous) -> None:
-    """A rank other than 0: load its shard, then run the steps rank 0 sends until it stops."""
+    """A rank other than 0: load its part, then make the calls rank 0 sends until it stops."""
     torch.set_num_threads(settings.threads or rendezvous.threads())
     checkpoint = load_checkpoint(resolve_model(settings.model))
-    run_worker(shard_runner(settings, checkpoint, rendezvous))
+    run_worker(rank_runner(settings, checkpoint, check_card(checkpoint), rendezvous))
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,14 @@ def cmd_launch(args: argparse.Namespace) -> int:
                     "a multi-host TT launch needs --mesh-graph (tt-run's mesh graph descriptor)"
                 )
             return exec_tt_run(
-                tt_run_command(command, args.mesh_graph, args.hosts.split(","), args.mesh, args.verbose)
+                tt_run_command(
+                    command,
+                    args.mesh_graph,
+                    args.hosts.split(","),
+                    args.mesh,
+                    args.master_port or 29500,
+                    args.verbose,
+                )
             )
         if on_tt:
             # One host: every chip of the mesh is driven from this one process.
@@ -387,7 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--master-addr", default="127.0.0.1", help="CPU: rank 0's machine (default: %(default)s)"
     )
-    launch.add_argument("--master-port", type=int, help="CPU: rank 0's rendezvous port (default: a free one)")
+    launch.add_argument(
+        "--master-port",
+        type=int,
+        help="rank 0's rendezvous port (default: a free one on CPU, 29500 over tt-run)",
+    )
     launch.add_argument("--hosts", help="TT over several hosts: comma-separated host names, for tt-run")
     launch.add_argument(
         "--mesh-graph", help="TT over several hosts: tt-run's mesh graph descriptor (.textproto)"

@@ -208,16 +208,31 @@ def tt_run_command(
     mesh_graph_descriptor: str,
     hosts: Sequence[str],
     mesh: str | None,
+    master_port: int = 29500,
     verbose: bool = False,
 ) -> list[str]:
-    """The ``tt-run`` command line that starts ``ttedge COMMAND`` on every host of a multi-host mesh."""
+    """The ``tt-run`` command line that starts ``ttedge COMMAND`` on every host of a multi-host mesh.
+
+    tt-run gives MPI rank 0 to the first host in sorted order; that rank serves, and the others join its
+    torch.distributed group (gloo, over the hosts' network) to receive each step
+    (runtime/tensor_parallel.py), so the variables naming it travel with mpirun's ``-x``."""
     check_command(command)
     if not hosts:
         raise LaunchError("a multi-host TT launch needs --hosts (comma-separated host names)")
     inner = [sys.executable, "-m", "ttedge.cli", *(["-v"] if verbose else []), *command, "--device", "tt"]
     if mesh is not None:
         inner += ["--mesh", mesh]
-    return ["tt-run", "-m", mesh_graph_descriptor, "--hosts", ",".join(hosts), *inner]
+    rendezvous = f"-x MASTER_ADDR={sorted(hosts)[0]} -x MASTER_PORT={master_port}"
+    return [
+        "tt-run",
+        "-m",
+        mesh_graph_descriptor,
+        "--hosts",
+        ",".join(hosts),
+        "--mpi-args",
+        rendezvous,
+        *inner,
+    ]
 
 
 def exec_tt_run(argv: list[str]) -> int:

@@ -26,10 +26,18 @@ from ttedge.ethernet_mesh.sharding import Split, plan_tensor_parallel
 from ttedge.launcher import run_local_group
 from ttedge.models.llama.linear import Int4Groups
 from ttedge.models.llama.reference import LlamaModel
-from ttedge.runtime.base import StepInput
+from ttedge.runtime.base import GreedyOnDevice, StepInput, VerifiesGreedyOnDevice
 from ttedge.runtime.cpu import CpuModelRunner
+from ttedge.runtime.kv_cache import BlockAllocator
 from ttedge.runtime.shard_checkpoint import shard_checkpoint, shard_slice
-from ttedge.runtime.tensor_parallel import Rendezvous, TensorParallelRunner, load_shard, run_worker
+from ttedge.runtime.tensor_parallel import (
+    Rendezvous,
+    TensorParallelRunner,
+    driver_runner,
+    join_group,
+    load_shard,
+    run_worker,
+)
 
 KV_CACHE_BYTES = 16 << 20
 PROMPT = [1, 17, 42, 99, 5, 230, 8, 64, 3, 77, 150, 12, 200, 31, 9, 4, 250, 66, 7, 101]
@@ -218,3 +226,79 @@ def test_smollm2_at_tp3_matches_one_process(fmt: str, min_pcc: float) -> None:
     logits, tokens = run_group(3, path, fmt, prompt, 32)
     assert pcc(logits, expected_logits) >= min_pcc
     assert np.array_equal(tokens, expected_tokens)
+
+
+# --- rank 0's calls mirrored on every rank ---------------------------------------------------------
+
+
+class RecordingRunner:
+    """A runner that picks and verifies greedy tokens 'on its device' and records every call."""
+
+    cheap_rows = None
+    max_model_len = 64
+
+    def __init__(self) -> None:
+        self.allocator = BlockAllocator(4)
+        self.calls: list[tuple[object, ...]] = []
+
+    def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        self.calls.append(("run", inputs))
+        return [torch.zeros(1, 8)]
+
+    def run_greedy(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        self.calls.append(("run_greedy", inputs))
+        return [torch.tensor([3])]
+
+    def run_greedy_verify(self, inputs: list[StepInput], drafts: list[list[int]]) -> list[tuple[int, int]]:
+        self.calls.append(("run_greedy_verify", inputs, drafts))
+        return [(len(drafts[0]), 5)]
+
+
+def _mirroring_rank() -> list[list[tuple[object, ...]]] | None:
+    rendezvous = Rendezvous.from_environ()
+    assert rendezvous is not None
+    join_group(rendezvous)
+    local = RecordingRunner()
+    if rendezvous.is_driver:
+        runner = driver_runner(local, tiny_config())
+        assert isinstance(runner, VerifiesGreedyOnDevice)  # what the engine looks for
+        step = [StepInput([4, 5, 6], 2, [0], all_logits=True)]
+        runner.run(step)
+        runner.run_greedy(step)
+        assert runner.run_greedy_verify(step, [[5, 6]]) == [(2, 5)]
+        runner.close()
+    else:
+        run_worker(local)
+    records: list[list[tuple[object, ...]]] | None = [[] for _ in range(rendezvous.world_size)]
+    torch.distributed.gather_object(local.calls, records if rendezvous.is_driver else None, dst=0)
+    return records
+
+
+def test_every_rank_makes_rank_0s_calls_in_order() -> None:
+    """The SPMD contract a TT mesh over several hosts needs: each rank's runner gets the same calls, the
+    device-side greedy ones included, and the driver offers the engine what its runner offers."""
+    records = run_local_group(3, _mirroring_rank, timeout=120)
+    assert [name for name, *_ in records[0]] == ["run", "run_greedy", "run_greedy_verify"]
+    assert records[1] == records[0] and records[2] == records[0]
+
+
+def test_driver_offers_only_what_its_runner_offers() -> None:
+    class PlainRunner:
+        allocator = BlockAllocator(1)
+        max_model_len = cheap_rows = None
+
+        def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+            return []
+
+    runner = driver_runner(PlainRunner(), tiny_config())  # type: ignore[arg-type]
+    assert not isinstance(runner, GreedyOnDevice)
+
+
+def test_rendezvous_reads_open_mpi_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under tt-run (mpirun) the group comes from Open MPI's variables."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
+    assert Rendezvous.from_environ() == Rendezvous(rank=1, world_size=2, local_world_size=1)

@@ -19,6 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,7 @@ from ttedge.config import ModelConfig
 from ttedge.ethernet_mesh.sharding import plan_tensor_parallel
 from ttedge.models.llama.linear import WeightFormat
 from ttedge.models.llama.reference import LlamaModel
-from ttedge.runtime.base import StepInput
-from ttedge.runtime.cpu import CpuModelRunner
+from ttedge.runtime.base import GreedyOnDevice, ModelRunner, StepInput, VerifiesGreedyOnDevice
 from ttedge.runtime.kv_cache import BlockAllocator
 from ttedge.runtime.shard_checkpoint import shard_checkpoint
 
@@ -52,11 +52,13 @@ class Rendezvous:
     @classmethod
     def from_environ(cls) -> Rendezvous | None:
         """The group this process was started in, or None outside one (or in a group of one)."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        env = os.environ
+        # torch.distributed's names (ttedge launch, torchrun), else Open MPI's (tt-run starts mpirun).
+        world_size = int(env.get("WORLD_SIZE") or env.get("OMPI_COMM_WORLD_SIZE") or 1)
         if world_size <= 1:
             return None
-        rank = int(os.environ["RANK"])
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        rank = int(env.get("RANK") or env["OMPI_COMM_WORLD_RANK"])
+        local = int(env.get("LOCAL_WORLD_SIZE") or env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or world_size)
         return cls(rank, world_size, local)
 
     @property
@@ -118,33 +120,62 @@ def load_shard(
 
 
 class TensorParallelRunner:
-    """Rank 0's ``ModelRunner``: each step's inputs go to every rank, then its own shard runs.
+    """Rank 0's ``ModelRunner``: each step's call goes to every rank, then rank 0's own runner makes it.
 
-    The block tables are rank 0's alone (its allocator); every rank's cache has as many blocks, holding
-    its own KV heads at the same slots.
+    ``local`` is this rank's runner: a CPU shard (``load_shard``), or, on a TT mesh spread over several
+    hosts, the TT runner of the whole mesh, whose ops every host's process must issue alike (SPMD). The
+    block tables are rank 0's alone (its allocator); every rank's cache has as many blocks, holding its
+    own KV heads at the same slots.
     """
 
-    def __init__(self, shard: CpuModelRunner, config: ModelConfig):
-        self.shard = shard
+    def __init__(self, local: ModelRunner, config: ModelConfig):
+        self.local = local
         self.config = config  # the whole model's, which the engine sees
-        self.allocator: BlockAllocator = shard.allocator
-        self.max_model_len = shard.max_model_len
-        self.cheap_rows = shard.cheap_rows
+        self.allocator: BlockAllocator = local.allocator
+        self.max_model_len = local.max_model_len
+        self.cheap_rows = local.cheap_rows
 
     def run(self, inputs: list[StepInput]) -> list[torch.Tensor]:
-        dist.broadcast_object_list([inputs], src=0)
-        return self.shard.run(inputs)
+        return self._step("run", inputs)
+
+    def _step(self, method: str, *args: object) -> Any:
+        dist.broadcast_object_list([(method, args)], src=0)
+        return getattr(self.local, method)(*args)
 
     def close(self) -> None:
         """Let the other ranks leave their loop; the group stays usable for nothing else."""
         dist.broadcast_object_list([None], src=0)
 
 
-def run_worker(shard: CpuModelRunner) -> None:
-    """A rank other than 0: run each step rank 0 broadcasts until it sends None."""
+class GreedyTensorParallelRunner(TensorParallelRunner):
+    """Over a runner that picks greedy tokens on its device (``GreedyOnDevice``)."""
+
+    def run_greedy(self, inputs: list[StepInput]) -> list[torch.Tensor]:
+        return self._step("run_greedy", inputs)
+
+
+class VerifyingTensorParallelRunner(GreedyTensorParallelRunner):
+    """Over a runner that also verifies greedy drafts on its device (``VerifiesGreedyOnDevice``)."""
+
+    def run_greedy_verify(self, inputs: list[StepInput], drafts: list[list[int]]) -> list[tuple[int, int]]:
+        return self._step("run_greedy_verify", inputs, drafts)
+
+
+def driver_runner(local: ModelRunner, config: ModelConfig) -> TensorParallelRunner:
+    """Rank 0's runner over ``local``, offering the engine what ``local`` offers."""
+    if isinstance(local, VerifiesGreedyOnDevice):
+        return VerifyingTensorParallelRunner(local, config)
+    if isinstance(local, GreedyOnDevice):
+        return GreedyTensorParallelRunner(local, config)
+    return TensorParallelRunner(local, config)
+
+
+def run_worker(local: ModelRunner) -> None:
+    """A rank other than 0: make each call rank 0 broadcasts, on this rank's runner, until it sends None."""
     while True:
-        message: list[list[StepInput] | None] = [None]
+        message: list[tuple[str, tuple[Any, ...]] | None] = [None]
         dist.broadcast_object_list(message, src=0)
         if message[0] is None:
             return
-        shard.run(message[0])
+        method, args = message[0]
+        getattr(local, method)(*args)
