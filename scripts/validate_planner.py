@@ -16,6 +16,7 @@ model cards' published speeds. docs/planner.md has a run of it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -28,7 +29,7 @@ from ttedge.perf.calibration import (
     fit_op_overhead,
     published_observations,
 )
-from ttedge.perf.hardware import host_cpu
+from ttedge.perf.hardware import HardwareSpec, host_cpu
 from ttedge.perf.memory import layer_weight_bytes, lm_head_bytes
 from ttedge.perf.model_roofline import decode_step_time, pass_ops, prefill_time
 from ttedge.perf.precision import cpu_precision
@@ -43,12 +44,13 @@ def _error(predicted: float, measured: float) -> str:
     return f"{100 * (predicted / measured - 1):+.0f}%"
 
 
-def decode_observations(runs: list[dict], steps: int) -> list[tuple[str, int, int, Observation]]:
+def decode_observations(
+    runs: list[dict], steps: int, cpu: HardwareSpec
+) -> list[tuple[str, int, int, Observation]]:
     """(format, batch, context, observation) for each decode measurement; the median step of bench_decode's
     steps 2..steps-1 sits about steps/2 + 1 tokens after the prompt."""
     config = model_zoo.load_cards()[MODEL].config
     plan = plan_tensor_parallel(config, 1)
-    cpu = host_cpu()
     rows = []
     for run in runs:
         context = run["prefill_tokens"] + steps // 2 + 1
@@ -82,14 +84,14 @@ def decode_table(rows: list[tuple[str, int, int, Observation]], overhead: float)
     return "\n".join(lines)
 
 
-def prefill_table(runs: list[dict], overhead: float) -> str:
+def prefill_table(runs: list[dict], overhead: float, cpu: HardwareSpec) -> str:
     config = model_zoo.load_cards()[MODEL].config
     plan = plan_tensor_parallel(config, 1)
     lines = ["| format | prompt | measured tok/s | predicted tok/s | error |", "|---|---:|---:|---:|---:|"]
     for run in runs:
         tokens = run["prefill_tokens"]
         seconds = prefill_time(
-            plan, cpu_precision(run["format"], tokens), host_cpu(), None, overhead, tokens
+            plan, cpu_precision(run["format"], tokens), cpu, None, overhead, tokens
         ).seconds
         lines.append(
             f"| {run['format']} | {tokens} | {run['prefill_tps']:.0f} | {tokens / seconds:.0f} | "
@@ -118,12 +120,11 @@ def weights_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def serving_table(serving: dict, overhead: float) -> str:
+def serving_table(serving: dict, overhead: float, cpu: HardwareSpec) -> str:
     """A closed loop of N clients, each request prompt + ``max_tokens`` tokens: a round of N requests costs
     N prefills and max_tokens decode steps at batch N, whose context grows from the prompt to its end."""
     config = model_zoo.load_cards()[MODEL].config
     plan = plan_tensor_parallel(config, 1)
-    cpu = host_cpu()
     weights = serving["settings"]["weights"]
     new_tokens = serving["settings"]["max_tokens"]
     mean_context = SERVING_PROMPT_TOKENS + new_tokens // 2
@@ -176,15 +177,25 @@ def main() -> None:
     )
     parser.add_argument("--decode-steps", type=int, default=10, help="bench_decode's --steps (default: 10)")
     parser.add_argument("--serving-json", type=Path, help="scripts/bench_serving.py --json output")
+    parser.add_argument(
+        "--read-gb-s",
+        type=float,
+        help="use this read bandwidth instead of measuring it: the one of the machine the JSON was measured "
+        "on, when this one is loaded now",
+    )
     args = parser.parse_args()
     runs = json.loads(args.decode_json.read_text())
     cpu = host_cpu()
+    if args.read_gb_s is not None:
+        cpu = dataclasses.replace(
+            cpu, dram_bytes_per_s=args.read_gb_s * 1e9, source=f"{cpu.source}; read bandwidth given"
+        )
     print(
         f"{cpu.name}: {cpu.dram_bytes_per_s / 1e9:.1f} GB/s read, "
         + ", ".join(f"{dtype} {flops / 1e9:.0f} GFLOP/s" for dtype, flops in cpu.peak_flops.items())
         + f" ({cpu.source})\n"
     )
-    rows = decode_observations(runs, args.decode_steps)
+    rows = decode_observations(runs, args.decode_steps, cpu)
     fitted = fit_op_overhead([o for *_, o in rows])
     print(
         f"CPU per-op overhead fitted to these decode steps: {fitted * 1e6:.1f} us "
@@ -193,12 +204,12 @@ def main() -> None:
     print("Decode, at the fitted overhead:\n")
     print(decode_table(rows, fitted))
     print("\nPrefill:\n")
-    print(prefill_table(runs, fitted))
+    print(prefill_table(runs, fitted, cpu))
     print("\nWeight bytes:\n")
     print(weights_table(runs))
     if args.serving_json:
         print("\nServing:\n")
-        print(serving_table(json.loads(args.serving_json.read_text()), fitted))
+        print(serving_table(json.loads(args.serving_json.read_text()), fitted, cpu))
     print("\nTenstorrent, against the model cards' published decode speeds:\n")
     print(tenstorrent_table())
 
