@@ -25,6 +25,7 @@ from ttedge import model_zoo
 from ttedge.ethernet_mesh.sharding import plan_tensor_parallel
 from ttedge.perf.calibration import (
     CPU_OP_OVERHEAD_S,
+    PUBLISHED_PROMPT_TOKENS,
     Observation,
     fit_op_overhead,
     published_observations,
@@ -32,8 +33,8 @@ from ttedge.perf.calibration import (
 from ttedge.perf.hardware import HardwareSpec, host_cpu
 from ttedge.perf.memory import layer_weight_bytes, lm_head_bytes
 from ttedge.perf.model_roofline import decode_step_time, pass_ops, prefill_time
-from ttedge.perf.precision import cpu_precision
-from ttedge.perf.systems import FAMILIES
+from ttedge.perf.precision import Precision, cpu_precision
+from ttedge.perf.systems import FAMILIES, TENSTORRENT_SYSTEMS
 
 MODEL = "smollm2-135m-instruct"
 # bench_serving's prompts: short user turns of about 30-40 tokens once in the chat template.
@@ -153,17 +154,32 @@ def serving_table(serving: dict, overhead: float, cpu: HardwareSpec) -> str:
 
 def tenstorrent_table() -> str:
     lines = [
-        "| deployment (batch 1) | published ms/token | roofline ms | predicted ms | error |",
-        "|---|---:|---:|---:|---:|",
+        "| deployment (batch 1) | published ms/token | roofline ms | predicted ms | error | "
+        f"published TTFT ms | predicted ({PUBLISHED_PROMPT_TOKENS} tokens) | error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for family in FAMILIES.values():
         observations = published_observations(family)
         overhead = fit_op_overhead(observations)
-        lines.append(f"| **{family[0]} family: {overhead * 1e6:.1f} us per op** | | | | |")
+        lines.append(f"| **{family[0]} family: {overhead * 1e6:.1f} us per op** | | | | | | | |")
         for o in observations:
+            card_id, system_name, preset = o.label.split()
+            card = model_zoo.load_cards()[card_id]
+            system = TENSTORRENT_SYSTEMS[system_name]
+            ttft = prefill_time(
+                plan_tensor_parallel(card.config, system.chips),
+                Precision.from_preset(card.tt.preset(preset)),
+                system.chip,
+                system.mesh,
+                overhead,
+                PUBLISHED_PROMPT_TOKENS,
+            ).seconds
+            published = "" if o.published_ttft_s is None else f"{o.published_ttft_s * 1e3:.0f}"
+            ttft_error = "" if o.published_ttft_s is None else _error(ttft, o.published_ttft_s)
             lines.append(
                 f"| {o.label} | {o.measured_seconds * 1e3:.1f} | {o.roofline_seconds * 1e3:.1f} | "
-                f"{o.predicted(overhead) * 1e3:.1f} | {_error(o.predicted(overhead), o.measured_seconds)} |"
+                f"{o.predicted(overhead) * 1e3:.1f} | {_error(o.predicted(overhead), o.measured_seconds)} | "
+                f"{published} | {ttft * 1e3:.0f} | {ttft_error} |"
             )
     return "\n".join(lines)
 

@@ -18,22 +18,25 @@ from ttedge.ethernet_mesh.sharding import plan_tensor_parallel
 from ttedge.perf.model_roofline import decode_step_time, pass_ops
 from ttedge.perf.precision import Precision
 
-# scripts/validate_planner.py --read-gb-s 21.8, 2026-11-30 18:28 UTC: SmolLM2-135M against docs/benchmarks.md's
-# bench_decode table (13:00 UTC, quiet machine), all formats at batch 1, 8 and 32.
+# scripts/validate_planner.py --read-gb-s 21.8 (2026-11-30 18:28 UTC): SmolLM2-135M against the bench_decode
+# table of docs/benchmarks.md (13:00 UTC, a quiet machine), every format at batch 1, 8 and 32.
 CPU_OP_OVERHEAD_S = 46e-6
-# ASSUMPTION: the context of tt-metal PERF.md's batch-1 decode measurements (a short prompt and 200 decode
-# steps); at batch 1 the KV cache it reads is a few percent of the weights either way.
+# ASSUMPTION: the prompt and context of tt-metal PERF.md's batch-1 measurements (a short prompt, then 200
+# decode steps); at batch 1 the KV cache is a few percent of the weights either way.
+PUBLISHED_PROMPT_TOKENS = 128
 PUBLISHED_CONTEXT = 256
 
 
 @dataclass(frozen=True)
 class Observation:
-    """A measured step and what the model says without overhead: ``roofline_seconds`` and ``ops``."""
+    """A measured step and what the model says without overhead: ``roofline_seconds`` and ``ops``; for a
+    published deployment also its time to first token, which the fit does not use."""
 
     label: str
     measured_seconds: float
     roofline_seconds: float
     ops: int
+    published_ttft_s: float | None = None
 
     def predicted(self, op_overhead_s: float) -> float:
         return self.roofline_seconds + self.ops * op_overhead_s
@@ -75,6 +78,9 @@ def published_observations(family: Sequence[str]) -> list[Observation]:
                     measured_seconds=1.0 / deployment.published_decode_tok_s_u,
                     roofline_seconds=step.seconds,
                     ops=pass_ops(card.config),
+                    published_ttft_s=None
+                    if deployment.published_ttft_ms is None
+                    else deployment.published_ttft_ms / 1e3,
                 )
             )
     return observations

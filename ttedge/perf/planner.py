@@ -23,7 +23,7 @@ from ttedge.perf.model_roofline import PassTime, decode_step_time, prefill_time
 from ttedge.perf.precision import Precision, cpu_precision
 from ttedge.perf.speculative import MAX_DRAFT_TOKENS, SpeculativeEstimate, speculative_estimate
 from ttedge.perf.systems import System, family_of, get_system
-from ttedge.runtime.tt_host import BLOCK_TOKENS, DEFAULT_PRESET
+from ttedge.runtime.tt_host import BLOCK_TOKENS, DEFAULT_PRESET, MAX_PREFILL_TOKENS
 
 
 class PlanError(ValueError):
@@ -145,7 +145,13 @@ def estimate(
         target.prompt_tokens,
         on_tenstorrent=system.is_tenstorrent,
     )
-    prefill = prefill_time(plan, precision, system.chip, system.mesh, overhead, target.prompt_tokens)
+    # The CPU's `auto` format reads other weights at a prompt's many rows than at a decode batch's few.
+    prefill_precision = (
+        precision
+        if system.is_tenstorrent
+        else cpu_precision(precision.name, min(target.prompt_tokens, MAX_PREFILL_TOKENS))
+    )
+    prefill = prefill_time(plan, prefill_precision, system.chip, system.mesh, overhead, target.prompt_tokens)
     step = decode_step_time(plan, precision, system.chip, system.mesh, overhead, target.batch, target.context)
     notes: list[str] = []
     speculative = None

@@ -18,20 +18,22 @@ def describe(
     smallest: Estimate | None,
 ) -> str:
     system, precision, target, memory = estimate.system, estimate.precision, estimate.target, estimate.memory
-    chips = f"{system.chips} chip{'s' if system.chips > 1 else ''}"
+    chips = f"{system.chips} chip{'s' if system.chips > 1 else ''}, " if system.is_tenstorrent else ""
     plan = tensor_parallel(config, system)
     per_token = kv_bytes_per_token(plan, precision)
+    with_draft = estimate.speculative is not None
     lines = [
-        f"{name} on {system.name} ({chips}, {system.chip.name}), precision {precision.name}: "
+        f"{name} on {system.name} ({chips}{system.chip.name}), precision {precision.name}: "
         f"attention {precision.attention}, MLP {precision.mlp}, LM head {precision.lm_head}, "
         f"KV cache {precision.kv_cache}",
-        f"{target.batch} users x {target.context} tokens of context, "
+        f"{target.batch} user{'s' if target.batch > 1 else ''} x {target.context} tokens of context, "
         f"prompts of {target.prompt_tokens} tokens",
         "",
         f"memory per chip: {'fits' if memory.fits else 'DOES NOT FIT'} "
         f"({gigabytes(memory.needed)} needed of {gigabytes(memory.capacity)})",
-        f"  weights      {gigabytes(memory.weights):>10}",
-        f"  KV cache     {gigabytes(memory.kv_cache):>10}   ({per_token / 1e3:.1f} KB per token per chip)",
+        f"  weights      {gigabytes(memory.weights):>10}{'   (model and draft)' if with_draft else ''}",
+        f"  KV cache     {gigabytes(memory.kv_cache):>10}   ({'model and draft; ' if with_draft else ''}"
+        f"the model's {per_token / 1e3:.1f} KB per token per chip)",
         f"  activations  {gigabytes(memory.activations):>10}",
     ]
     if system.is_tenstorrent:
@@ -56,7 +58,10 @@ def describe(
             f"  with the draft       {spec.speedup:8.2f}x   (best k = {spec.draft_tokens}: "
             f"{spec.tokens_per_step:.2f} tokens per {spec.step_seconds * 1e3:.2f} ms step)"
         )
-    lines += [f"  note: {note}" for note in estimate.notes]
+    notes = list(estimate.notes)
+    if system.is_tenstorrent:
+        notes.append("tt-metal's published times to first token are 2-4x this model's (docs/planner.md)")
+    lines += [f"  note: {note}" for note in notes]
     if advice:
         lines += ["", "to serve this:", *(f"  - {line}" for line in advice)]
     if system.is_tenstorrent:
