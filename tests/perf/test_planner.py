@@ -3,6 +3,9 @@ cache, a decode step on a made-up chip, the speculative speed-up, the overhead f
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from ttedge import model_zoo
@@ -13,7 +16,14 @@ from ttedge.perf.calibration import Observation, fit_op_overhead, published_obse
 from ttedge.perf.hardware import HardwareSpec
 from ttedge.perf.memory import kv_bytes_per_token, weight_bytes
 from ttedge.perf.model_roofline import decode_step_time, prefill_time
-from ttedge.perf.planner import PlanError, Target, estimate, precision_for, suggestions
+from ttedge.perf.planner import (
+    PlanError,
+    Target,
+    estimate,
+    precision_for,
+    resolve_model,
+    suggestions,
+)
 from ttedge.perf.precision import BYTES_PER_ELEMENT, Precision, cpu_precision
 from ttedge.perf.speculative import expected_tokens_per_step, speculative_estimate
 from ttedge.perf.systems import FAMILIES, get_system
@@ -169,6 +179,39 @@ def test_cpu_formats_read_what_the_cpu_backend_reads() -> None:
     assert cpu_precision("auto", 9).mlp == "bfloat16"
     assert cpu_precision("int4", 32).lm_head == "int8"
     assert cpu_precision("float32", 1).kv_cache == "float32"
+
+
+def test_a_config_json_is_planned_with_its_card_or_the_default_preset(tmp_path: Path) -> None:
+    def write(directory: Path, config: ModelConfig) -> Path:
+        directory.mkdir()
+        hf = {
+            "model_type": "llama",
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "rms_norm_eps": config.rms_norm_eps,
+            "rope_theta": config.rope_theta,
+            "max_position_embeddings": config.max_position_embeddings,
+            "tie_word_embeddings": config.tie_word_embeddings,
+        }
+        (directory / "config.json").write_text(json.dumps(hf))
+        return directory
+
+    smollm = model_zoo.find_card("smollm2-135m-instruct")
+    assert smollm is not None
+    card, config = resolve_model(str(write(tmp_path / "smollm", smollm.config)))
+    assert card is smollm and config.num_heads == 9
+    card, config = resolve_model(str(write(tmp_path / "tiny", TINY) / "config.json"))
+    assert card is None and config.name == "tiny"
+    assert precision_for(None, get_system("n150"), None, 1).name == "default"
+    with pytest.raises(PlanError, match="only 'default'"):
+        precision_for(None, get_system("n150"), "performance", 1)
+    with pytest.raises(PlanError, match="neither a model card"):
+        resolve_model(str(tmp_path / "missing"))
 
 
 def test_plan_command_exit_status_and_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -302,7 +302,7 @@ def resolve_model(name: str) -> tuple[ModelCard | None, ModelConfig]:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise PlanError(f"{path}: not a readable config.json ({err})") from None
-    config = ModelConfig.from_hf(hf, str(path), name=path.parent.name).validate(str(path))
+    config = ModelConfig.from_hf(hf, str(path), name=path.parent.name)
     return model_zoo.match_card(config), config
 
 
