@@ -28,13 +28,17 @@ from ttedge.perf.calibration import (
     PUBLISHED_PROMPT_TOKENS,
     Observation,
     fit_op_overhead,
+    published_deployments,
     published_observations,
+    published_ttft,
+    tenstorrent_op_overhead,
+    tenstorrent_prefill_efficiency,
 )
 from ttedge.perf.hardware import HardwareSpec, host_cpu
 from ttedge.perf.memory import layer_weight_bytes, lm_head_bytes
 from ttedge.perf.model_roofline import decode_step_time, pass_ops, prefill_time
-from ttedge.perf.precision import Precision, cpu_precision
-from ttedge.perf.systems import FAMILIES, TENSTORRENT_SYSTEMS
+from ttedge.perf.precision import cpu_precision
+from ttedge.perf.systems import FAMILIES
 
 MODEL = "smollm2-135m-instruct"
 # bench_serving's prompts: short user turns of about 30-40 tokens once in the chat template.
@@ -159,23 +163,16 @@ def tenstorrent_table() -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for family in FAMILIES.values():
-        observations = published_observations(family)
-        overhead = fit_op_overhead(observations)
-        lines.append(f"| **{family[0]} family: {overhead * 1e6:.1f} us per op** | | | | | | | |")
-        for o in observations:
-            card_id, system_name, preset = o.label.split()
-            card = model_zoo.load_cards()[card_id]
-            system = TENSTORRENT_SYSTEMS[system_name]
-            ttft = prefill_time(
-                plan_tensor_parallel(card.config, system.chips),
-                Precision.from_preset(card.tt.preset(preset)),
-                system.chip,
-                system.mesh,
-                overhead,
-                PUBLISHED_PROMPT_TOKENS,
-            ).seconds
-            published = "" if o.published_ttft_s is None else f"{o.published_ttft_s * 1e3:.0f}"
-            ttft_error = "" if o.published_ttft_s is None else _error(ttft, o.published_ttft_s)
+        overhead = tenstorrent_op_overhead(family)
+        efficiency = tenstorrent_prefill_efficiency(family)
+        lines.append(
+            f"| **{family[0]} family: {overhead * 1e6:.1f} us per op, prefill at {efficiency:.0%} of peak** "
+            "| | | | | | | |"
+        )
+        for o, d in zip(published_observations(family), published_deployments(family), strict=True):
+            ttft = published_ttft(d, overhead, efficiency)
+            published = "" if d.ttft_s is None else f"{d.ttft_s * 1e3:.0f}"
+            ttft_error = "" if d.ttft_s is None else _error(ttft, d.ttft_s)
             lines.append(
                 f"| {o.label} | {o.measured_seconds * 1e3:.1f} | {o.roofline_seconds * 1e3:.1f} | "
                 f"{o.predicted(overhead) * 1e3:.1f} | {_error(o.predicted(overhead), o.measured_seconds)} | "

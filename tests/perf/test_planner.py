@@ -12,7 +12,15 @@ from ttedge import model_zoo
 from ttedge.cli import main
 from ttedge.config import ModelConfig
 from ttedge.ethernet_mesh.sharding import plan_tensor_parallel
-from ttedge.perf.calibration import Observation, fit_op_overhead, published_observations
+from ttedge.perf.calibration import (
+    Observation,
+    derated,
+    fit_op_overhead,
+    published_deployments,
+    published_observations,
+    published_ttft,
+    tenstorrent_prefill_efficiency,
+)
 from ttedge.perf.hardware import HardwareSpec
 from ttedge.perf.memory import kv_bytes_per_token, weight_bytes
 from ttedge.perf.model_roofline import decode_step_time, prefill_time
@@ -110,6 +118,17 @@ def test_prefill_is_compute_bound_on_a_slow_multiplier() -> None:
     assert prefill.memory_bound_fraction == 0.0
 
 
+def test_a_derated_chip_takes_longer_only_where_compute_bound() -> None:
+    slow = HardwareSpec("slow", dram_bytes_per_s=1e18, peak_flops={"bfloat16": 1e9}, dram_bytes=2**30)
+    plan = plan_tensor_parallel(TINY, 1)
+    full = prefill_time(plan, BF16, slow, None, 0.0, prompt_tokens=8).seconds
+    assert prefill_time(plan, BF16, derated(slow, 0.25), None, 0.0, 8).seconds == pytest.approx(4 * full)
+    decode = decode_step_time(plan, BF16, ROUND_CHIP, None, 0.0, batch=1, context=10).seconds
+    assert decode_step_time(plan, BF16, derated(ROUND_CHIP, 0.25), None, 0.0, 1, 10).seconds == decode
+    with pytest.raises(ValueError, match="efficiency"):
+        derated(slow, 0.0)
+
+
 def test_speculative_speedup_is_leviathans_closed_form() -> None:
     assert expected_tokens_per_step(0.5, 2) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
     assert expected_tokens_per_step(1.0, 3) == 4.0
@@ -139,6 +158,16 @@ def test_one_overhead_per_family_fits_tenstorrents_published_speeds() -> None:
     overhead = fit_op_overhead(wormhole)
     assert 10e-6 < overhead < 100e-6
     assert max(abs(o.relative_error(overhead)) for o in wormhole) < 0.2
+    # Prefill, at the fitted fraction of peak FLOP/s: within 25% of the published TTFT on n150 and n300
+    # (T3K's are far slower than the modelled collectives allow: docs/planner.md).
+    efficiency = tenstorrent_prefill_efficiency(FAMILIES["wormhole"])
+    assert 0.05 < efficiency < 0.5
+    one_or_two_chips = [
+        d for d in published_deployments(FAMILIES["wormhole"]) if d.ttft_s and d.system.chips <= 2
+    ]
+    assert len(one_or_two_chips) == 12  # 1B, 3B and 8B, two presets, n150 and n300
+    for d in one_or_two_chips:
+        assert published_ttft(d, overhead, efficiency) == pytest.approx(d.ttft_s, rel=0.25), d.label
 
 
 def test_a_target_that_does_not_fit_is_refused_with_what_to_change() -> None:

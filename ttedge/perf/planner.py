@@ -17,7 +17,12 @@ from ttedge import model_zoo
 from ttedge.config import ModelConfig
 from ttedge.ethernet_mesh.sharding import ShardingError, TensorParallelPlan, plan_tensor_parallel
 from ttedge.model_zoo import ModelCard
-from ttedge.perf.calibration import CPU_OP_OVERHEAD_S, tenstorrent_op_overhead
+from ttedge.perf.calibration import (
+    CPU_OP_OVERHEAD_S,
+    derated,
+    tenstorrent_op_overhead,
+    tenstorrent_prefill_efficiency,
+)
 from ttedge.perf.memory import MemoryFit, kv_bytes_per_token, memory_fit
 from ttedge.perf.model_roofline import PassTime, decode_step_time, prefill_time
 from ttedge.perf.precision import Precision, cpu_precision
@@ -73,6 +78,7 @@ class Estimate:
     prefill: PassTime
     decode_step: PassTime
     op_overhead_s: float
+    prefill_efficiency: float
     speculative: SpeculativeEstimate | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -99,6 +105,12 @@ class Estimate:
 
 def op_overhead(system: System) -> float:
     return tenstorrent_op_overhead(family_of(system)) if system.is_tenstorrent else CPU_OP_OVERHEAD_S
+
+
+def prefill_efficiency(system: System) -> float:
+    """The fraction of peak FLOP/s prefill is credited with: fitted to published times to first token on
+    Tenstorrent systems; 1 on the CPU, whose roofs are measured matmul rates already."""
+    return tenstorrent_prefill_efficiency(family_of(system)) if system.is_tenstorrent else 1.0
 
 
 def precision_for(card: ModelCard | None, system: System, name: str | None, batch: int) -> Precision:
@@ -151,7 +163,9 @@ def estimate(
         if system.is_tenstorrent
         else cpu_precision(precision.name, min(target.prompt_tokens, MAX_PREFILL_TOKENS))
     )
-    prefill = prefill_time(plan, prefill_precision, system.chip, system.mesh, overhead, target.prompt_tokens)
+    efficiency = prefill_efficiency(system)
+    prefill_chip = derated(system.chip, efficiency)
+    prefill = prefill_time(plan, prefill_precision, prefill_chip, system.mesh, overhead, target.prompt_tokens)
     step = decode_step_time(plan, precision, system.chip, system.mesh, overhead, target.batch, target.context)
     notes: list[str] = []
     speculative = None
@@ -194,7 +208,9 @@ def estimate(
                 f"the draft slows decoding down ({speculative.speedup:.2f}x at best, k = "
                 f"{speculative.draft_tokens}): serve without it"
             )
-    return Estimate(system, precision, target, fit, prefill, step, overhead, speculative, tuple(notes))
+    return Estimate(
+        system, precision, target, fit, prefill, step, overhead, efficiency, speculative, tuple(notes)
+    )
 
 
 def largest_batch(estimate_: Estimate, config: ModelConfig) -> int:

@@ -44,7 +44,8 @@ def describe(
     step = estimate.decode_step
     lines += [
         "",
-        f"predicted (roofline + {estimate.op_overhead_s * 1e6:.0f} us per op; error in docs/planner.md):",
+        f"predicted (roofline + {estimate.op_overhead_s * 1e6:.0f} us per op, prefill at "
+        f"{estimate.prefill_efficiency:.0%} of peak FLOP/s; error in docs/planner.md):",
         f"  time to first token  {estimate.ttft_s * 1e3:8.0f} ms   (one prompt on an idle system)",
         f"  decode per user      {estimate.tok_s_per_user:8.1f} tok/s   (at the full context)",
         f"  decode aggregate     {estimate.aggregate_tok_s:8.1f} tok/s",
@@ -58,10 +59,7 @@ def describe(
             f"  with the draft       {spec.speedup:8.2f}x   (best k = {spec.draft_tokens}: "
             f"{spec.tokens_per_step:.2f} tokens per {spec.step_seconds * 1e3:.2f} ms step)"
         )
-    notes = list(estimate.notes)
-    if system.is_tenstorrent:
-        notes.append("tt-metal's published times to first token are 2-4x this model's (docs/planner.md)")
-    lines += [f"  note: {note}" for note in notes]
+    lines += [f"  note: {note}" for note in estimate.notes]
     if advice:
         lines += ["", "to serve this:", *(f"  - {line}" for line in advice)]
     if system.is_tenstorrent:
