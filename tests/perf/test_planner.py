@@ -25,9 +25,11 @@ from ttedge.perf.hardware import HardwareSpec
 from ttedge.perf.memory import kv_bytes_per_token, weight_bytes
 from ttedge.perf.model_roofline import decode_step_time, prefill_time
 from ttedge.perf.planner import (
+    Draft,
     PlanError,
     Target,
     estimate,
+    largest_batch,
     precision_for,
     resolve_model,
     suggestions,
@@ -185,6 +187,22 @@ def test_a_target_that_does_not_fit_is_refused_with_what_to_change() -> None:
         LLAMA_8B.config, precision_for(LLAMA_8B, system, None, 20), system, Target(20, 4096, 4096)
     )
     assert fits.memory.fits and suggestions(fits, LLAMA_8B.config, LLAMA_8B) == []
+
+
+def test_a_draft_takes_its_weights_and_kv_cache_from_the_same_chips() -> None:
+    draft_card = model_zoo.find_card("llama-3.2-1b-instruct")
+    assert draft_card is not None
+    system = get_system("n150")
+    target = Target(batch=32, context=4096, prompt_tokens=4096)
+    draft = Draft(draft_card.config, precision_for(draft_card, system, None, 32), acceptance=0.7)
+    alone = estimate(LLAMA_8B.config, precision_for(LLAMA_8B, system, None, 32), system, target)
+    paired = estimate(LLAMA_8B.config, alone.precision, system, target, draft)
+    draft_plan = plan_tensor_parallel(draft_card.config, 1)
+    # The 1B's KV: 16 layers x 8 KV heads of 64 in bfloat8_b, K and V.
+    assert kv_bytes_per_token(draft_plan, draft.precision) == 2 * 16 * 8 * 64 * 1.0625 == 17_408
+    assert paired.memory.kv_cache == alone.memory.kv_cache + 32 * 4096 * 17_408
+    assert paired.memory.weights == alone.memory.weights + weight_bytes(draft_plan, draft.precision)
+    assert largest_batch(paired, LLAMA_8B.config, draft) == int(paired.memory.free_for_kv // (4096 * 87_040))
 
 
 def test_a_split_that_does_not_divide_is_a_plan_error() -> None:

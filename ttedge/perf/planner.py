@@ -213,24 +213,27 @@ def estimate(
     )
 
 
-def largest_batch(estimate_: Estimate, config: ModelConfig) -> int:
+def _kv_bytes_per_token(estimate_: Estimate, config: ModelConfig, draft: Draft | None) -> float:
+    """K and V of one token on one chip, the draft's own cache included."""
+    system = estimate_.system
+    per_token = kv_bytes_per_token(tensor_parallel(config, system), estimate_.precision)
+    if draft is not None:
+        per_token += kv_bytes_per_token(tensor_parallel(draft.config, system), draft.precision)
+    return per_token
+
+
+def largest_batch(estimate_: Estimate, config: ModelConfig, draft: Draft | None = None) -> int:
     """The most users of the target's context the KV cache room left by everything else holds."""
-    plan = tensor_parallel(config, estimate_.system)
-    per_user = _kv_per_user(plan, estimate_.precision, estimate_.target.context)
+    context = -(-estimate_.target.context // BLOCK_TOKENS) * BLOCK_TOKENS
+    per_user = context * _kv_bytes_per_token(estimate_, config, draft)
     return max(0, int(estimate_.memory.free_for_kv // per_user))
 
 
-def longest_context(estimate_: Estimate, config: ModelConfig) -> int:
+def longest_context(estimate_: Estimate, config: ModelConfig, draft: Draft | None = None) -> int:
     """The longest context, in whole 32-token blocks, at which the target's users still fit."""
-    plan = tensor_parallel(config, estimate_.system)
-    per_token = estimate_.target.batch * kv_bytes_per_token(plan, estimate_.precision)
+    per_token = estimate_.target.batch * _kv_bytes_per_token(estimate_, config, draft)
     tokens = int(estimate_.memory.free_for_kv // per_token)
     return max(0, tokens // BLOCK_TOKENS * BLOCK_TOKENS)
-
-
-def _kv_per_user(plan: TensorParallelPlan, precision: Precision, context: int) -> float:
-    blocks = -(-context // BLOCK_TOKENS)
-    return blocks * BLOCK_TOKENS * kv_bytes_per_token(plan, precision)
 
 
 def suggestions(
@@ -251,10 +254,10 @@ def suggestions(
                     advice.append(
                         f"use --precision {preset.name}: it needs {gigabytes(other.memory.needed)} per chip"
                     )
-        batch = largest_batch(estimate_, config)
+        batch = largest_batch(estimate_, config, draft)
         if batch >= 1:
             advice.append(f"serve at most {batch} users at {target.context} tokens of context")
-        context = longest_context(estimate_, config)
+        context = longest_context(estimate_, config, draft)
         if context >= BLOCK_TOKENS:
             advice.append(f"or limit the context to {context} tokens for {target.batch} users")
         if (
