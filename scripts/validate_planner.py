@@ -38,6 +38,7 @@ from ttedge.perf.hardware import HardwareSpec, host_cpu
 from ttedge.perf.memory import layer_weight_bytes, lm_head_bytes
 from ttedge.perf.model_roofline import decode_step_time, pass_ops, prefill_time
 from ttedge.perf.precision import cpu_precision
+from ttedge.perf.speculative import speculative_estimate
 from ttedge.perf.systems import FAMILIES
 
 MODEL = "smollm2-135m-instruct"
@@ -156,6 +157,38 @@ def serving_table(serving: dict, overhead: float, cpu: HardwareSpec) -> str:
     return "\n".join(lines)
 
 
+# docs/speculative.md, "Measured: prompt lookup", fixed k, copy prompts, batch 1 (13:49 UTC): k, the
+# fraction of drafted tokens accepted, tokens per forward, speed-up over plain decoding.
+PROMPT_LOOKUP_COPY_BATCH_1 = (
+    (1, 0.63, 1.56, 1.35),
+    (2, 0.53, 1.90, 1.65),
+    (4, 0.41, 2.25, 1.40),
+    (8, 0.26, 2.42, 1.28),
+)
+
+
+def speculative_table(overhead: float, cpu: HardwareSpec) -> str:
+    """Leviathan's closed form with the measured acceptance as the per-token rate, a prompt-lookup draft
+    that costs nothing, and the planner's plain and verify steps (k + 1 rows) at SmolLM2's `auto`."""
+    config = model_zoo.load_cards()[MODEL].config
+    plan = plan_tensor_parallel(config, 1)
+    context = 200  # a chat prompt and half of a 128-token answer
+    plain = decode_step_time(plan, cpu_precision("auto", 1), cpu, None, overhead, 1, context).seconds
+    lines = [
+        "| k | acceptance | measured tokens/forward | predicted | error | measured speed-up | predicted | error |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, acceptance, tokens, speedup in PROMPT_LOOKUP_COPY_BATCH_1:
+        verify = decode_step_time(plan, cpu_precision("auto", k + 1), cpu, None, overhead, 1, context, k + 1)
+        predicted = speculative_estimate(acceptance, k, 0.0, verify.seconds, plain)
+        lines.append(
+            f"| {k} | {acceptance} | {tokens} | {predicted.tokens_per_step:.2f} | "
+            f"{_error(predicted.tokens_per_step, tokens)} | {speedup} | {predicted.speedup:.2f} | "
+            f"{_error(predicted.speedup, speedup)} |"
+        )
+    return "\n".join(lines)
+
+
 def tenstorrent_table() -> str:
     lines = [
         "| deployment (batch 1) | published ms/token | roofline ms | predicted ms | error | "
@@ -223,6 +256,8 @@ def main() -> None:
     if args.serving_json:
         print("\nServing:\n")
         print(serving_table(json.loads(args.serving_json.read_text()), fitted, cpu))
+    print("\nSpeculative decoding, prompt lookup on copy prompts:\n")
+    print(speculative_table(fitted, cpu))
     print("\nTenstorrent, against the model cards' published decode speeds:\n")
     print(tenstorrent_table())
 

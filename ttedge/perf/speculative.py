@@ -47,12 +47,11 @@ def speculative_estimate(
     plain_step_seconds: float,
 ) -> SpeculativeEstimate:
     """Speculative decoding at ``draft_tokens`` per step: the verify step checks ``draft_tokens + 1``
-    rows per sequence, so it costs more than a plain step once it leaves the memory-bound regime."""
-    for name, seconds in (
-        ("draft", draft_step_seconds),
-        ("verify", verify_step_seconds),
-        ("plain", plain_step_seconds),
-    ):
+    rows per sequence, so it costs more than a plain step once it leaves the memory-bound regime. A draft
+    step may cost nothing on the device (prompt lookup searches the context on the host)."""
+    if not draft_step_seconds >= 0:
+        raise ValueError(f"a draft step takes no negative time, got {draft_step_seconds}")
+    for name, seconds in (("verify", verify_step_seconds), ("plain", plain_step_seconds)):
         if not seconds > 0:
             raise ValueError(f"a {name} step takes a positive time, got {seconds}")
     return SpeculativeEstimate(
