@@ -175,7 +175,8 @@ def speculative_table(overhead: float, cpu: HardwareSpec) -> str:
     context = 200  # a chat prompt and half of a 128-token answer
     plain = decode_step_time(plan, cpu_precision("auto", 1), cpu, None, overhead, 1, context).seconds
     lines = [
-        "| k | acceptance | measured tokens/forward | predicted | error | measured speed-up | predicted | error |",
+        "| k | acceptance | measured tokens/forward | predicted | error | "
+        "measured speed-up | predicted | error |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, acceptance, tokens, speedup in PROMPT_LOOKUP_COPY_BATCH_1:
