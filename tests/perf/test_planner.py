@@ -142,6 +142,10 @@ def test_speculative_speedup_is_leviathans_closed_form() -> None:
     assert spec.seconds_per_token == pytest.approx(1.2 / 1.75)
     with pytest.raises(ValueError, match="between 0 and 1"):
         expected_tokens_per_step(1.5, 2)
+    # Prompt lookup drafts on the host: no draft cost, the speed-up is the tokens per verify step.
+    assert speculative_estimate(0.5, 2, 0.0, 1.0, 1.0).speedup == pytest.approx(1.75)
+    with pytest.raises(ValueError, match="no negative time"):
+        speculative_estimate(0.5, 2, -1.0, 1.0, 1.0)
 
 
 def test_the_overhead_fit_recovers_a_known_overhead() -> None:
