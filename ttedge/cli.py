@@ -320,6 +320,59 @@ def _device_of(command: list[str]) -> str:
     return EngineSettings.device
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Capacity planning: fit, speed and the smallest system, or the tiers table (docs/planner.md)."""
+    from ttedge import model_zoo
+    from ttedge.perf.planner import (
+        Draft,
+        PlanError,
+        Target,
+        estimate,
+        precision_for,
+        resolve_model,
+        smallest_system,
+        suggestions,
+    )
+    from ttedge.perf.report import describe, tiers_table
+    from ttedge.perf.systems import family_of, get_system
+
+    if args.tiers:
+        print(tiers_table(list(model_zoo.load_cards().values())))
+        return 0
+    try:
+        if args.model is None:
+            raise PlanError("give --model (a model card's name or a config.json), or --tiers")
+        card, config = resolve_model(args.model)
+        try:
+            system = get_system(args.hardware)
+        except KeyError as err:
+            raise PlanError(err.args[0]) from None
+        target = Target(args.batch, args.context, args.prompt_tokens or args.context, args.min_tok_s_per_user)
+        precision = precision_for(card, system, args.precision, target.batch)
+        draft = None
+        if args.draft is not None:
+            draft_card, draft_config = resolve_model(args.draft)
+            if args.acceptance is None:
+                raise PlanError(
+                    "--draft needs --acceptance: the rate measured for this pair (ttedge serve's /metrics: "
+                    "ttedge_spec_accepted_tokens_total / ttedge_spec_draft_tokens_total)"
+                )
+            draft = Draft(
+                draft_config, precision_for(draft_card, system, args.precision, target.batch), args.acceptance
+            )
+        result = estimate(config, precision, system, target, draft)
+        smallest = (
+            smallest_system(config, card, args.precision, target, draft, family_of(system))
+            if system.is_tenstorrent
+            else None
+        )
+    except PlanError as err:
+        raise ConfigError("plan", str(err)) from None
+    name = card.name if card is not None else config.name
+    print(describe(result, config, name, suggestions(result, config, card, draft), smallest))
+    return 0 if result.serves else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttedge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -408,6 +461,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the models ttedge can find")
     models.set_defaults(handler=cmd_models)
+
+    plan = commands.add_parser(
+        "plan",
+        help="does a model fit on a TT system, and how fast will it serve (docs/planner.md)",
+        description="Predicts memory per chip, time to first token and decode tokens/s from a roofline of "
+        "each layer with a calibrated per-op overhead; exit status 1 when the target is not served.",
+    )
+    plan.add_argument("--model", help="model card name or a config.json (or its directory)")
+    plan.add_argument(
+        "--hardware",
+        default="n150",
+        help="n150, n300, t3k, galaxy, p100, p150, p150x4, p150x8, or cpu (this machine, measured now) "
+        "(default: %(default)s)",
+    )
+    plan.add_argument("--batch", type=int, default=1, help="concurrent users (default: %(default)s)")
+    plan.add_argument("--context", type=int, default=4096, help="tokens per user (default: %(default)s)")
+    plan.add_argument("--prompt-tokens", type=int, help="prompt length for TTFT (default: the context)")
+    plan.add_argument(
+        "--precision",
+        help="the card's TT preset, e.g. performance or accuracy (default: its recommended one); on the CPU "
+        "a weight format, float32, bfloat16, int8, int4 or auto",
+    )
+    plan.add_argument("--draft", help="draft model (card or config.json) for speculative decoding")
+    plan.add_argument("--acceptance", type=float, help="the draft's measured acceptance rate, 0 to 1")
+    plan.add_argument(
+        "--min-tok-s-per-user", type=float, default=0.0, help="speed floor a system must meet (default: none)"
+    )
+    plan.add_argument(
+        "--tiers", action="store_true", help="the device / edge / cloud table for the model zoo"
+    )
+    plan.set_defaults(handler=cmd_plan)
     return parser
 
 

@@ -1,1 +1,1 @@
-"""Hardware specifications and, later, the roofline and capacity planner."""
+"""Hardware specifications, the roofline of an op and of a whole model, and the capacity planner."""
