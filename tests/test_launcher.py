@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -106,6 +107,20 @@ def test_sigterm_stops_a_serving_group_cleanly(tiny: Path) -> None:
     ranks = children(launcher.pid)
     launcher.send_signal(signal.SIGTERM)
     assert wait_exit(launcher, 60) == 0, launcher.communicate()[1]
+    assert not any(_alive(pid) for pid in ranks)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_ranks_do_not_outlive_a_killed_launcher(tiny: Path) -> None:
+    launcher, _ = start_server_process(
+        ["launch", "--tp", "2", "--", "serve", "--model", str(tiny), "--weights", "float32", "--port", "0"]
+    )
+    ranks = children(launcher.pid)
+    launcher.kill()
+    launcher.communicate()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not any(_alive(pid) for pid in ranks)
 
 

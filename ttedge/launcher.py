@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import queue
@@ -101,10 +102,25 @@ def run_cpu_group(group: CpuGroup, command: Sequence[str], verbose: bool = False
     ranks = []
     for env in group.environments(port):
         ranks.append(
-            (int(env["RANK"]), subprocess.Popen(argv, env={**os.environ, **env}, start_new_session=True))
+            (
+                int(env["RANK"]),
+                subprocess.Popen(
+                    argv, env={**os.environ, **env}, start_new_session=True, preexec_fn=_die_with_launcher
+                ),
+            )
         )
         print(f"ttedge launch: rank {env['RANK']} of {group.tp}: pid {ranks[-1][1].pid}", file=sys.stderr)
     return _supervise(ranks)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_launcher() -> None:
+    """Run in each rank before it starts: on Linux, the kernel sends it SIGTERM when the launcher dies,
+    however it dies (a SIGKILL included), so that no rank serves on alone in its own session."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _supervise(ranks: list[tuple[int, subprocess.Popen[bytes]]]) -> int:

@@ -103,6 +103,12 @@ def join_group(rendezvous: Rendezvous) -> GlooShardGroup:
     return GlooShardGroup(rendezvous.world_size)
 
 
+def leave_group() -> None:
+    # Explicitly: a gloo group still alive when the interpreter exits can abort the process from its C++
+    # threads ("terminate called without an active exception") after a clean run.
+    dist.destroy_process_group()
+
+
 def load_shard(
     checkpoint: Checkpoint,
     rendezvous: Rendezvous,
@@ -143,8 +149,9 @@ class TensorParallelRunner:
         return getattr(self.local, method)(*args)
 
     def close(self) -> None:
-        """Let the other ranks leave their loop; the group stays usable for nothing else."""
+        """Let the other ranks leave their loop, then leave the group."""
         dist.broadcast_object_list([None], src=0)
+        leave_group()
 
 
 class GreedyTensorParallelRunner(TensorParallelRunner):
@@ -176,6 +183,7 @@ def run_worker(local: ModelRunner) -> None:
         message: list[tuple[str, tuple[Any, ...]] | None] = [None]
         dist.broadcast_object_list(message, src=0)
         if message[0] is None:
+            leave_group()
             return
         method, args = message[0]
         getattr(local, method)(*args)
