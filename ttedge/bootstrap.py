@@ -174,8 +174,8 @@ def build_collab(
 
 
 def load_engine(settings: EngineSettings, rendezvous: Rendezvous | None = None) -> LoadedEngine:
-    """``rendezvous``: this process is rank 0 of a CPU tensor-parallel group (``run_shard`` runs the
-    others)."""
+    """``rendezvous``: this process is rank 0 of a group (``ttedge launch``: CPU shards, or the hosts of
+    one TT mesh); ``run_shard`` runs the others."""
     started = time.perf_counter()
     if settings.device == "tt":
         check_tt_device()  # in a moment, before reading a checkpoint

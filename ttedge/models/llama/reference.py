@@ -85,7 +85,8 @@ class ShardGroup(Protocol):
     logits of its slice of the vocabulary."""
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """The sum of ``partial`` over every shard, in ``partial``'s dtype."""
+        """The sum of ``partial`` over every shard, in ``partial``'s dtype or wider: it is added into the
+        residual stream, which rounds it once."""
         ...
 
     def gather_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
