@@ -181,6 +181,7 @@ def test_two_machines_meet_through_the_rendezvous(tiny: Path) -> None:
         (["--tp", "2", "--node-rank", "1", "--", "serve"], "--node-rank 1 is not in a group of --nnodes 1"),
         (["--tp", "2", "--hosts", "a,b", "--", "serve"], "needs --mesh-graph"),
         (["--mesh", "nowhere.yaml", "--", "serve"], "nowhere.yaml"),
+        (["--tp", "2", "--", "serve", "--device", "tt"], "--tp 2 on TT chips needs --mesh"),
     ],
 )
 def test_launches_that_cannot_work_are_one_line_errors(args: list[str], message: str) -> None:
@@ -188,6 +189,15 @@ def test_launches_that_cannot_work_are_one_line_errors(args: list[str], message:
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_one_tt_host_runs_the_mesh_in_this_process() -> None:
+    """No ranks are started: the command runs in this process (which, without ttnn here, says so)."""
+    command = ["generate", "--device", "tt", "--prompt", "hi"]
+    result = ttedge("launch", "--mesh", "n300", "--", *command, timeout=60)
+    assert result.returncode == 2
+    assert "--device tt needs the ttnn package" in result.stderr
+    assert "rank 0 of" not in result.stderr
 
 
 def test_rank_environments_follow_torchrun() -> None:

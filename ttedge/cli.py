@@ -300,6 +300,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
                     args.verbose,
                 )
             )
+        if on_tt and mesh is None and tp != 1:
+            raise LaunchError(f"--tp {tp} on TT chips needs --mesh, the mesh they form (e.g. n300, t3k)")
         if on_tt:
             # One host: every chip of the mesh is driven from this one process.
             return main(
