@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.fixtures.tiny_checkpoints import (
     random_state_dict,
@@ -13,6 +14,7 @@ from tests.fixtures.tiny_checkpoints import (
     tiny_config,
     write_hf_checkpoint,
 )
+from tests.models.conftest_helpers import full_sequence_logits
 from ttedge.bootstrap import load_engine
 from ttedge.checkpoint import load_checkpoint
 from ttedge.collab.draft_models import DraftSpecError, build_drafter, parse_draft_spec
@@ -68,6 +70,27 @@ def test_self_draft_shares_the_big_models_weights(tiny_checkpoint: Path):
     )
     with pytest.raises(DraftSpecError, match="the model has layers 0-3"):
         build_drafter(parse_draft_spec("self:2-4"), checkpoint, target, "float32", 8)
+
+
+def test_a_self_draft_of_a_model_that_runs_elsewhere_reads_only_its_layers(tiny_checkpoint: Path):
+    """With the big model on a card or on other ranks, a self-draft reads its own layers and nothing else,
+    and computes what the same layers shared with a CPU target compute."""
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    shared = build_drafter(
+        parse_draft_spec("self:1,3"), checkpoint, LlamaModel.from_checkpoint(checkpoint), "float32", 8
+    )
+    read: list[str] = []
+    for name, source in checkpoint.tensors.items():
+        source._loader = lambda load=source._loader, name=name: read.append(name) or load()  # type: ignore[misc]
+    alone = build_drafter(parse_draft_spec("self:1,3"), checkpoint, None, "float32", 8)
+    assert {name.split(".")[1] for name in read if name.startswith("layers.")} == {"1", "3"}
+    tokens = [1, 17, 42, 99, 5]
+    torch.testing.assert_close(
+        full_sequence_logits(alone.runner, tokens),  # type: ignore[attr-defined]
+        full_sequence_logits(shared.runner, tokens),  # type: ignore[attr-defined]
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_a_model_without_a_shipped_self_draft_says_so(tiny_checkpoint: Path):

@@ -16,6 +16,7 @@ from tests.fixtures.tiny_checkpoints import smollm2_gguf_path
 from tests.models.conftest_helpers import full_sequence_logits
 from ttedge import model_zoo
 from ttedge.checkpoint import CheckpointError, load_checkpoint
+from ttedge.collab.draft_models import build_drafter, parse_draft_spec
 from ttedge.collab.exit_adapter import (
     DOWN,
     GATE_UP,
@@ -100,7 +101,8 @@ def test_the_shipped_draft_fits_smollm2():
 
 @pytest.mark.slow
 def test_the_shipped_draft_runs_on_the_real_model():
-    target = LlamaModel.from_checkpoint(load_checkpoint(smollm2_gguf_path()), "auto")
+    checkpoint = load_checkpoint(smollm2_gguf_path())
+    target = LlamaModel.from_checkpoint(checkpoint, "auto")
     path = model_zoo.self_draft_path("smollm2-135m-instruct")
     assert path is not None
     draft = load_self_draft(path, target.config, dtype=target.dtype)
@@ -113,6 +115,9 @@ def test_the_shipped_draft_runs_on_the_real_model():
     # The adapter changes what the kept layers alone would predict.
     plain = target.layer_subset(draft.layer_indices)
     assert not torch.equal(full_sequence_logits(CpuModelRunner(plain, 2**24), tokens), logits)
+    # With the big model elsewhere (a card, other ranks), the same draft is built from its own layers alone.
+    alone = build_drafter(parse_draft_spec("self"), checkpoint, None, "auto", num_kv_blocks=16)
+    torch.testing.assert_close(full_sequence_logits(alone.runner, tokens), logits, rtol=0, atol=0)  # type: ignore[attr-defined]
 
 
 def rewrite(path: Path, tensors: dict[str, torch.Tensor] | None = None, **metadata: str) -> None:

@@ -23,8 +23,9 @@ Canonical names (``{i}`` is the layer index):
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,21 @@ class Checkpoint:
 
     def load(self, name: str) -> torch.Tensor:
         return self[name].load()
+
+    def layers_only(self, indices: Sequence[int]) -> Checkpoint:
+        """A view of the global tensors and of the layers ``indices``, renumbered 0, 1, ... in that order: a
+        model built from it reads nothing else (a self-draft of a model that runs elsewhere)."""
+        position = {index: new for new, index in enumerate(indices)}
+        kept = {}
+        for name, source in self.tensors.items():
+            if name.startswith("layers."):
+                _, index, rest = name.split(".", 2)
+                if int(index) in position:
+                    kept[f"layers.{position[int(index)]}.{rest}"] = source
+            else:
+                kept[name] = source
+        config = dataclasses.replace(self.config, num_layers=len(indices))
+        return dataclasses.replace(self, config=config, tensors=kept)
 
 
 def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -26,6 +26,7 @@ from ttedge.collab.drafters import Drafter, PromptLookupDrafter
 from ttedge.collab.exit_adapter import load_self_draft
 from ttedge.collab.model_drafter import ModelDrafter
 from ttedge.config import ModelConfig
+from ttedge.models.llama.linear import WeightFormat
 from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.cpu import CpuModelRunner
 from ttedge.runtime.kv_cache import KVCacheSpec
@@ -104,12 +105,19 @@ def build_drafter(
     if spec.layers is not None and spec.layers[-1] >= target_config.num_layers:
         raise DraftSpecError(f"--draft {spec.text!r}: the model has layers 0-{target_config.num_layers - 1}")
     if spec.layers is not None or spec.is_self_draft_file:
-        full = target_model or LlamaModel.from_checkpoint(target_checkpoint, weight_format)
-        if spec.layers is not None:
-            draft = full.layer_subset(spec.layers)
-        else:
+        self_draft = None
+        layers = spec.layers
+        if layers is None:
+            dtype = target_model.dtype if target_model else WeightFormat(weight_format).activation_dtype
             path = spec.path or _shipped_self_draft(spec, target_config)
-            draft = load_self_draft(path, target_config, dtype=full.dtype).draft_model(full)
+            self_draft = load_self_draft(path, target_config, dtype)
+            layers = self_draft.layer_indices
+        if target_model is not None:
+            draft = self_draft.draft_model(target_model) if self_draft else target_model.layer_subset(layers)
+        else:
+            # The big model runs elsewhere (a card, other ranks): read only the draft's own layers.
+            own_layers = LlamaModel.from_checkpoint(target_checkpoint.layers_only(layers), weight_format)
+            draft = own_layers.layer_subset(range(len(layers)), self_draft.adapter if self_draft else None)
     else:
         assert spec.path is not None
         draft = LlamaModel.from_checkpoint(load_checkpoint(spec.path), weight_format)
