@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.tiny_checkpoints import hf_config_dict
 from ttedge import model_zoo
 from ttedge.cli import main
 from ttedge.config import ModelConfig
@@ -235,21 +236,7 @@ def test_cpu_formats_read_what_the_cpu_backend_reads() -> None:
 def test_a_config_json_is_planned_with_its_card_or_the_default_preset(tmp_path: Path) -> None:
     def write(directory: Path, config: ModelConfig) -> Path:
         directory.mkdir()
-        hf = {
-            "model_type": "llama",
-            "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_kv_heads,
-            "head_dim": config.head_dim,
-            "rms_norm_eps": config.rms_norm_eps,
-            "rope_theta": config.rope_theta,
-            "max_position_embeddings": config.max_position_embeddings,
-            "tie_word_embeddings": config.tie_word_embeddings,
-        }
-        (directory / "config.json").write_text(json.dumps(hf))
+        (directory / "config.json").write_text(json.dumps(hf_config_dict(config)))
         return directory
 
     smollm = model_zoo.find_card("smollm2-135m-instruct")
