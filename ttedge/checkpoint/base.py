@@ -72,7 +72,8 @@ class TensorSource:
     stored_dtype: str
     file: str
     _loader: Callable[[], torch.Tensor] = field(repr=False)
-    _blocks: Callable[[], QuantizedBlocks] | None = field(default=None, repr=False)
+    # May itself answer None: a view whose slice cuts through the blocks has none (runtime/shard_checkpoint).
+    _blocks: Callable[[], QuantizedBlocks | None] | None = field(default=None, repr=False)
 
     def load(self) -> torch.Tensor:
         return self._loader()

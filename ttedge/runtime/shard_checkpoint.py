@@ -105,10 +105,13 @@ def _sliced(source: TensorSource, name: str, part: Slice2d | None) -> TensorSour
     def load() -> torch.Tensor:
         return source.load()[r0:r1, c0:c1].contiguous()
 
-    def blocks() -> QuantizedBlocks:
+    def blocks() -> QuantizedBlocks | None:
         whole = source.quantized_blocks()
-        assert whole is not None  # only asked for when the source has blocks (below)
+        if whole is None:
+            return None
         block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[whole.qtype]]
+        if c0 % block_size or c1 % block_size:
+            return None  # a split through the middle of a block has no blocks: it is loaded dequantised
         data = whole.data[r0:r1, c0 // block_size * block_bytes : c1 // block_size * block_bytes]
         return QuantizedBlocks(whole.qtype, data, part.shape)
 
@@ -118,13 +121,5 @@ def _sliced(source: TensorSource, name: str, part: Slice2d | None) -> TensorSour
         stored_dtype=source.stored_dtype,
         file=source.file,
         _loader=load,
-        # A split through the middle of a block has no blocks of its own: it is loaded dequantised.
-        _blocks=blocks if _splits_on_blocks(source, part) else None,
+        _blocks=blocks,
     )
-
-
-def _splits_on_blocks(source: TensorSource, part: Slice2d) -> bool:
-    if source.quantized_blocks() is None:
-        return False
-    block_size = GGML_QUANT_SIZES[GGMLQuantizationType[source.stored_dtype]][0]
-    return part.cols[0] % block_size == 0 and part.cols[1] % block_size == 0
