@@ -30,6 +30,18 @@ class Split(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Slice2d:
+    """Rows ``rows`` and columns ``cols`` (half-open ranges) of a 2-D weight."""
+
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
+
+
+@dataclass(frozen=True)
 class WeightShard:
     name: str
     shape: tuple[int, ...]
@@ -38,6 +50,19 @@ class WeightShard:
     # How many devices hold each distinct slice: 1 when fully split, N when replicated, N / KV heads for
     # K and V when there are fewer KV heads than devices.
     copies: int
+
+    def slice_of(self, device: int) -> Slice2d | None:
+        """The part of the whole weight ``device`` holds; None for a replicated (whole) tensor."""
+        if self.split is Split.REPLICATED:
+            return None
+        out_features, in_features = self.shape
+        local_out, local_in = self.per_device_shape
+        if self.split is Split.INPUT_FEATURES:
+            return Slice2d((0, out_features), (device * local_in, (device + 1) * local_in))
+        # Split over output rows (column-parallel, or the vocabulary): ``copies`` consecutive devices hold
+        # the same slice, which keeps each device's query heads next to the KV head they share.
+        index = device // self.copies
+        return Slice2d((index * local_out, (index + 1) * local_out), (0, in_features))
 
 
 @dataclass(frozen=True)

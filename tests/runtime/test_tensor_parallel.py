@@ -30,7 +30,7 @@ from ttedge.models.llama.reference import LlamaModel
 from ttedge.runtime.base import GreedyOnDevice, StepInput, VerifiesGreedyOnDevice
 from ttedge.runtime.cpu import CpuModelRunner
 from ttedge.runtime.kv_cache import BlockAllocator
-from ttedge.runtime.shard_checkpoint import shard_checkpoint, shard_slice
+from ttedge.runtime.shard_checkpoint import shard_checkpoint
 from ttedge.runtime.tensor_parallel import (
     Rendezvous,
     TensorParallelRunner,
@@ -143,7 +143,7 @@ def test_gguf_blocks_are_split_without_requantising(tiny_gguf: Path) -> None:
         for rank in range(2):
             blocks = shard_checkpoint(checkpoint, plan, rank)[name].quantized_blocks()
             assert blocks is not None, name
-            part = shard_slice(shard, rank)
+            part = shard.slice_of(rank)
             assert part is not None
             expected = whole[part.rows[0] : part.rows[1], part.cols[0] : part.cols[1]]
             torch.testing.assert_close(Int4Groups.from_q4_1(blocks).dequantize(), expected, rtol=0, atol=0)

@@ -16,7 +16,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ttedge.checkpoint.base import Checkpoint, QuantizedBlocks, TensorSource
-from ttedge.ethernet_mesh.sharding import Split, TensorParallelPlan, WeightShard
+from ttedge.ethernet_mesh.sharding import Slice2d, TensorParallelPlan
 
 # The plan's weight names and the canonical tensors they cover ("{i}": every layer).
 _PLAN_TENSORS = {
@@ -33,32 +33,6 @@ _PLAN_TENSORS = {
     "final_norm": "norm.weight",
     "lm_head": "lm_head.weight",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Slice2d:
-    """Rows ``rows`` and columns ``cols`` (half-open ranges) of a 2-D weight."""
-
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
-
-
-def shard_slice(shard: WeightShard, rank: int) -> Slice2d | None:
-    """Which part of ``shard``'s full weight ``rank`` holds; None for a replicated (whole) tensor."""
-    if shard.split is Split.REPLICATED:
-        return None
-    out_features, in_features = shard.shape
-    local_out, local_in = shard.per_device_shape
-    if shard.split is Split.INPUT_FEATURES:
-        return Slice2d((0, out_features), (rank * local_in, (rank + 1) * local_in))
-    # Split over output rows (column-parallel, or the vocabulary): ``copies`` consecutive ranks hold the
-    # same slice, which keeps each rank's query heads next to the KV head they share.
-    index = rank // shard.copies
-    return Slice2d((index * local_out, (index + 1) * local_out), (0, in_features))
 
 
 def shard_config_of(plan: TensorParallelPlan) -> dict[str, int | bool]:
@@ -85,7 +59,7 @@ def shard_checkpoint(checkpoint: Checkpoint, plan: TensorParallelPlan, rank: int
             stored = name
             if shard.name == "lm_head" and config.tie_word_embeddings:
                 stored = "embed.weight"
-            tensors[name] = _sliced(checkpoint[stored], name, shard_slice(shard, rank))
+            tensors[name] = _sliced(checkpoint[stored], name, shard.slice_of(rank))
     if "rope.freq_factors" in checkpoint.tensors:
         tensors["rope.freq_factors"] = checkpoint.tensors["rope.freq_factors"]
     shard_name = f"{config.name} (tensor-parallel shard {rank + 1} of {plan.devices})"

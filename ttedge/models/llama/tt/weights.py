@@ -160,24 +160,16 @@ def _rows(w: np.ndarray, devices: int) -> list[np.ndarray]:
 def _qkv_columns(config: ModelConfig, wqkv: np.ndarray, plan: TensorParallelPlan) -> list[np.ndarray]:
     """Each chip's fused QKV columns: its query heads, then the KV heads they attend with (a KV head
     repeated on every chip whose query heads share it when there are fewer KV heads than chips)."""
-    head_dim, devices = config.head_dim, plan.devices
-    q, k, v = np.split(wqkv, [config.q_size, config.q_size + config.kv_size], axis=1)
-    q_width, kv_width = plan.query_heads_per_device * head_dim, plan.kv_heads_per_device * head_dim
+    split = np.split(wqkv, [config.q_size, config.q_size + config.kv_size], axis=1)
     shards = []
-    for device in range(devices):
-        # Chip d's query heads start at head d * heads / N; the KV head of query head h is
-        # h // (heads / kv_heads), so chip d's KV heads start at d * kv_heads / N (rounded down).
-        first_kv = device * config.num_kv_heads // devices * head_dim
-        shards.append(
-            np.concatenate(
-                [
-                    q[:, device * q_width : (device + 1) * q_width],
-                    k[:, first_kv : first_kv + kv_width],
-                    v[:, first_kv : first_kv + kv_width],
-                ],
-                axis=1,
-            )
-        )
+    for device in range(plan.devices):
+        columns = []
+        for weight, name in zip(split, ("q", "k", "v"), strict=True):
+            part = plan.weight(name).slice_of(device)
+            assert part is not None  # Q, K and V are split, never replicated
+            # The plan's output rows are this layout's columns.
+            columns.append(weight[:, part.rows[0] : part.rows[1]])
+        shards.append(np.concatenate(columns, axis=1))
     return shards
 
 
