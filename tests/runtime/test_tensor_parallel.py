@@ -23,6 +23,7 @@ from tests.fixtures.tiny_checkpoints import (
 )
 from tests.models.conftest_helpers import pcc
 from ttedge.checkpoint import load_checkpoint
+from ttedge.config import ConfigError
 from ttedge.ethernet_mesh.sharding import Split, plan_tensor_parallel
 from ttedge.launcher import run_local_group
 from ttedge.models.llama.linear import Int4Groups
@@ -187,6 +188,12 @@ def test_rendezvous_reads_torch_distributed_environment(monkeypatch: pytest.Monk
     assert rendezvous == Rendezvous(rank=3, world_size=4, local_world_size=2)
     assert not rendezvous.is_driver
     assert rendezvous.threads() == max(1, (os.cpu_count() or 1) // 2)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ConfigError, match="WORLD_SIZE is 4 but RANK is not set"):
+        Rendezvous.from_environ()
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ConfigError, match="rank 3 of 4: MASTER_ADDR"):
+        join_group(Rendezvous(rank=3, world_size=4, local_world_size=2))
 
 
 # --- groups of processes against one process ---------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ttedge.checkpoint.base import Checkpoint
-from ttedge.config import ModelConfig
+from ttedge.config import ConfigError, ModelConfig
 from ttedge.ethernet_mesh.sharding import plan_tensor_parallel
 from ttedge.models.llama.linear import WeightFormat
 from ttedge.models.llama.reference import LlamaModel
@@ -57,9 +57,11 @@ class Rendezvous:
         world_size = int(env.get("WORLD_SIZE") or env.get("OMPI_COMM_WORLD_SIZE") or 1)
         if world_size <= 1:
             return None
-        rank = int(env.get("RANK") or env["OMPI_COMM_WORLD_RANK"])
+        rank = env.get("RANK") or env.get("OMPI_COMM_WORLD_RANK")
+        if rank is None:
+            raise ConfigError("tensor parallelism", f"WORLD_SIZE is {world_size} but RANK is not set")
         local = int(env.get("LOCAL_WORLD_SIZE") or env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or world_size)
-        return cls(rank, world_size, local)
+        return cls(int(rank), world_size, local)
 
     @property
     def is_driver(self) -> bool:
@@ -92,10 +94,11 @@ class GlooShardGroup:
 
 
 def join_group(rendezvous: Rendezvous) -> GlooShardGroup:
-    """Join the group (blocks until every rank has); raises ValueError naming what is missing."""
+    """Join the group (blocks until every rank has); a ConfigError names what is missing."""
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise ValueError(f"rank {rendezvous.rank} of {rendezvous.world_size}: {', '.join(missing)} not set")
+        message = f"rank {rendezvous.rank} of {rendezvous.world_size}: {', '.join(missing)} not set"
+        raise ConfigError("tensor parallelism", message)
     if not dist.is_initialized():
         dist.init_process_group(
             "gloo", rank=rendezvous.rank, world_size=rendezvous.world_size, timeout=_IDLE_TIMEOUT
